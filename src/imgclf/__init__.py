@@ -1,0 +1,25 @@
+"""imgclf: train, judge and ship convolutional image classifiers.
+
+    import imgclf
+    result = imgclf.train(data="../shared/datasets/cifar10-jpeg.tar.gz", model="seed-cnn", epochs=10)
+    print(imgclf.evaluate(result.run_dir)["top1"])
+    clf = imgclf.load(result.run_dir)
+    clf.predict(["my_cat.jpg"], top_k=3)
+
+The ``imgclf`` command is the same functions: ``imgclf train``, ``imgclf evaluate``, ``imgclf predict``,
+``imgclf models``.
+"""
+__version__ = "0.1.0"
+
+from .config import TrainConfig  # noqa: E402
+from .data import Dataset, Preprocess, load_dataset  # noqa: E402
+from .errors import ImgclfError  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .models import create_model, list_models  # noqa: E402
+from .predict import Classifier, Prediction, load  # noqa: E402
+from .train import Callback, TrainResult, train  # noqa: E402
+
+__all__ = [
+    "__version__", "train", "evaluate", "load", "create_model", "list_models", "load_dataset",
+    "TrainConfig", "TrainResult", "Callback", "Classifier", "Prediction", "Dataset", "Preprocess", "ImgclfError",
+]

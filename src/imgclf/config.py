@@ -1,0 +1,174 @@
+"""Training configuration: one frozen dataclass, the single source of defaults.
+
+    cfg = TrainConfig.from_sources(config_file="run.toml", overrides={"epochs": 5})
+
+A config file (TOML or JSON) is applied first, then explicit overrides (CLI flags or keyword arguments).
+Unknown keys are rejected with the nearest valid name. Derived values (the learning rate an optimizer
+defaults to, the device actually used) are never written back here: the trainer records them separately.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ImgclfError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "onecycle", "plateau", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+MONITORS = ("val_loss", "val_acc")
+DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05}  # Keras' Adam default; a safe SGD+Nesterov start
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data
+    data: str = "cifar10"               # built-in name, official archive/folder, or image folder/archive
+    image_size: int | None = None       # square input side; None = the dataset's native size
+    val_split: float = 0.0              # fraction of train held out for validation (stratified, seeded)
+    test_split: float = 0.0             # fraction held out for test when the data has no test/ folder
+    skip_bad_images: bool = False       # skip (and list) unreadable images instead of stopping
+    augment: str = "none"               # augmentation preset: none, flip, standard, strong, seed004
+    # --- model
+    model: str = "seed-cnn"             # registry name (`imgclf models` lists them)
+    # --- optimisation
+    epochs: int = 10
+    batch_size: int = 64                # the seeds' Keras batch size
+    optimizer: str = "adam"             # adam (the seeds'), adamw, sgd (Nesterov momentum)
+    lr: float | None = None             # None = the optimizer's default (adam 1e-3, sgd 0.05)
+    momentum: float = 0.9               # SGD momentum
+    weight_decay: float = 0.0
+    schedule: str = "constant"          # constant, onecycle, cosine, plateau (seed 004's ReduceLROnPlateau)
+    plateau_patience: int = 2           # epochs without improvement before plateau lowers the lr
+    plateau_factor: float = 0.2         # lr multiplier on a plateau (Keras ReduceLROnPlateau-style)
+    label_smoothing: float = 0.0
+    # --- validation / early stopping
+    monitor: str = "val_loss"           # what decides the best epoch and early stopping
+    patience: int = 0                   # early stopping after this many epochs without improvement; 0 = off
+    restore_best: bool = True           # end the run with the best epoch's weights (seed 004)
+    # --- run
+    seed: int = 0
+    device: str = "auto"                # auto, cpu, cuda, cuda:N
+    precision: str = "auto"             # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
+    channels_last: bool = True          # memory format for conv nets
+    eval_batch_size: int = 512
+    project: str = "runs"               # parent folder of run folders
+    name: str | None = None             # run folder name; None = "<dataset>-<model>", auto-numbered
+
+    def __post_init__(self):
+        _check_types(self)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("monitor", self.monitor, MONITORS)
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ImgclfError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("val_split", "test_split"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ImgclfError(f"{key} must be a fraction in [0, 1), got {getattr(self, key)}")
+        if self.val_split + self.test_split >= 1.0:
+            raise ImgclfError("val_split + test_split must leave some training data (sum < 1)")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ImgclfError(f"lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ImgclfError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ImgclfError(f"image_size must be at least 8 pixels, got {self.image_size}")
+        if self.patience < 0 or self.weight_decay < 0:
+            raise ImgclfError("patience and weight_decay must not be negative")
+        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
+            raise ImgclfError(f"--name must be a plain folder name, got {self.name!r}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_sources(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                     base: "TrainConfig | None" = None) -> "TrainConfig":
+        """``base`` (or the defaults) <- values from ``config_file`` <- ``overrides`` (None values ignored)."""
+        values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
+        if config_file is not None:
+            values.update(_check_keys(read_config_file(config_file), f"config file {config_file}"))
+        values.update(_check_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "arguments"))
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def to_toml(self) -> str:
+        """A flat TOML document that ``--config`` reads back (None values are left out)."""
+        lines = ["# imgclf training config; reuse with: imgclf train --config config.toml"]
+        for key, value in self.to_dict().items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ImgclfError(f"config file {path} not found")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ImgclfError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {e}") from e
+    if not isinstance(data, dict):
+        raise ImgclfError(f"config file {path} must hold a table of key = value pairs")
+    # Accept `[train]` as a section too, so one file can later hold several sections.
+    if set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _check_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
+    valid = [f.name for f in fields(TrainConfig)]
+    for key in values:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ImgclfError(f"unknown setting {key!r} in {where}{hint}")
+    return values
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    hints = get_type_hints(TrainConfig)
+    for f in fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        allowed = getattr(hint, "__args__", (hint,))
+        if value is None and type(None) in allowed:
+            continue
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))  # TOML `lr = 1` means 1.0
+            continue
+        if not any(isinstance(value, t) and not (t is int and isinstance(value, bool))
+                   for t in allowed if t is not type(None)):
+            names = " or ".join(t.__name__ for t in allowed)
+            raise ImgclfError(f"setting {f.name!r} must be {names}, got {value!r}")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ImgclfError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string

@@ -1,0 +1,14 @@
+"""Image-classifier architectures behind one constructor.
+
+    from imgclf.models import create_model, list_models
+    model = create_model("seed-cnn", num_classes=10, in_channels=3, image_size=32)
+
+Every model is an :class:`ImageClassifier`: ``num_classes``, ``in_channels``, ``num_features``,
+``forward_features``, ``forward_head``, ``reset_classifier``, ``get_classifier`` and ``arch_args``.
+Importing this package registers the built-in families (one file each).
+"""
+from . import resnet, seed_cnn  # noqa: F401  (imported for their @register_model side effect)
+from ._base import ImageClassifier
+from ._registry import create_model, list_models, model_info, register_model
+
+__all__ = ["ImageClassifier", "create_model", "list_models", "model_info", "register_model"]

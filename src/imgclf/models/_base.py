@@ -1,0 +1,46 @@
+"""The face every imgclf model shows, so training, fine-tuning and export treat them alike.
+
+    class MyNet(ImageClassifier): ...  # set num_classes/in_channels/num_features/head, define forward_features
+
+Subclasses build ``self.head`` with :meth:`new_head` and implement :meth:`forward_features`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ImageClassifier(nn.Module):
+    """Base class: ``forward(x) == forward_head(forward_features(x))``; the head is swappable."""
+
+    num_classes: int
+    in_channels: int
+    num_features: int  # width of the vector forward_features returns
+    arch_args: dict  # set by create_model: the arguments that rebuild this architecture
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_channels, H, W) images -> (N, num_features) pooled features."""
+        raise NotImplementedError
+
+    def new_head(self, num_classes: int) -> nn.Module:
+        """A freshly initialised classifier head mapping num_features -> num_classes."""
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh one for ``num_classes`` (transfer learning)."""
+        old = next(self.head.parameters())
+        # Keep the new head where the old one lived, so a model already moved to a device stays usable.
+        self.head = self.new_head(num_classes).to(device=old.device, dtype=old.dtype)
+        self.num_classes = num_classes
+        if hasattr(self, "arch_args"):
+            # Checkpoints rebuild from arch_args; they must describe the head the weights belong to.
+            self.arch_args["num_classes"] = num_classes

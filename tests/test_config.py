@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from imgclf.config import TrainConfig, read_config_file
+from imgclf.errors import ImgclfError
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = TrainConfig()
+    assert (cfg.data, cfg.model, cfg.optimizer, cfg.batch_size, cfg.epochs) == ("cifar10", "seed-cnn", "adam", 64, 10)
+    assert cfg.resolved_lr() == 1e-3
+    assert TrainConfig(optimizer="sgd").resolved_lr() == 0.05
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('epochs = 3\nbatch-size = 32\nlr = 1\nmodel = "resnet18"\n')
+    cfg = TrainConfig.from_sources(f, {"epochs": 5, "model": None})
+    assert cfg.epochs == 5            # flag beats file
+    assert cfg.batch_size == 32       # file beats default; dashes accepted
+    assert cfg.model == "resnet18"    # None override = not given
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+
+
+def test_unknown_key_names_nearest(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text("epoch = 3\n")
+    with pytest.raises(ImgclfError, match="did you mean 'epochs'"):
+        TrainConfig.from_sources(f)
+    with pytest.raises(ImgclfError, match="did you mean 'batch_size'"):
+        TrainConfig.from_sources(overrides={"bach_size": 3})
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+    ({"val_split": 1.5}, "val_split"),
+    ({"lr": -1.0}, "lr must be a positive"),
+    ({"epochs": "ten"}, "must be int"),
+    ({"name": "a/b"}, "plain folder name"),
+])
+def test_bad_values_are_clear(bad, match):
+    with pytest.raises(ImgclfError, match=match):
+        TrainConfig(**bad)
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.01, data="some dir/with \"quotes\"", restore_best=False, image_size=40)
+    f = tmp_path / "config.toml"
+    f.write_text(cfg.to_toml())
+    assert TrainConfig.from_sources(f) == cfg
+
+
+def test_json_config_and_bad_files(tmp_path):
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"epochs": 2}))
+    assert TrainConfig.from_sources(j).epochs == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = = 2")
+    with pytest.raises(ImgclfError, match="not valid"):
+        read_config_file(bad)
+    with pytest.raises(ImgclfError, match="not found"):
+        read_config_file(tmp_path / "missing.toml")
