@@ -51,6 +51,8 @@ def train(
                                                 help="End with the best epoch's weights."),
     val_split: Optional[float] = typer.Option(None, help="Fraction of train held out for validation."),
     test_split: Optional[float] = typer.Option(None, help="Fraction held out for test if the data has no test/."),
+    fraction: Optional[float] = typer.Option(None, help="Train on this fraction of the training images "
+                                             "(stratified, seeded), for quick runs."),
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the data's native size)."),
     skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images",
                                                    help="Skip unreadable images (listed) instead of stopping."),

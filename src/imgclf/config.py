@@ -38,6 +38,7 @@ class TrainConfig:
     val_split: float = 0.0              # fraction of train held out for validation (stratified, seeded)
     test_split: float = 0.0             # fraction held out for test when the data has no test/ folder
     skip_bad_images: bool = False       # skip (and list) unreadable images instead of stopping
+    fraction: float = 1.0               # train on this fraction of the training images (stratified, seeded)
     augment: str = "none"               # augmentation preset: none, flip, standard, strong, seed004
     # --- model
     model: str = "seed-cnn"             # registry name (`imgclf models` lists them)
@@ -77,6 +78,8 @@ class TrainConfig:
         for key in ("val_split", "test_split"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ImgclfError(f"{key} must be a fraction in [0, 1), got {getattr(self, key)}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ImgclfError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.val_split + self.test_split >= 1.0:
             raise ImgclfError("val_split + test_split must leave some training data (sum < 1)")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):

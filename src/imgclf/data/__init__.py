@@ -3,8 +3,15 @@ decoded, cached and handed to training as uint8 arrays.
 
     from imgclf.data import load_dataset
     ds = load_dataset("../shared/datasets/cifar10-jpeg.tar.gz")   # -> Dataset (uint8 NHWC arrays)
+
+Modules: dataset (load_dataset, the entry point), images (the one image loader, also used at predict
+time), builtin + download (named datasets), cifar (the official CIFAR-10 batches), folder + archives
+(image folders and archives of them), decode (parallel decoding), cache (decoded arrays on disk),
+split (stratified val/test carving).
 """
+from .builtin import BUILTINS, BuiltinDataset
 from .dataset import Dataset, Split, load_dataset
 from .images import Preprocess, load_image, preprocess_image
 
-__all__ = ["Dataset", "Split", "load_dataset", "Preprocess", "load_image", "preprocess_image"]
+__all__ = ["BUILTINS", "BuiltinDataset", "Dataset", "Preprocess", "Split", "load_dataset", "load_image",
+           "preprocess_image"]

@@ -1,9 +1,30 @@
-"""INTERFACE STUB (to be implemented): the in-memory dataset handed to training."""
+"""The in-memory dataset handed to training, and load_dataset, the one way to get one.
+
+    ds = load_dataset("../shared/datasets/cifar10-jpeg.tar.gz", val_split=0.1)
+    ds.train.x.shape, ds.classes        # (45000, 32, 32, 3) uint8, ['airplane', ..., 'truck']
+
+``data`` is a built-in name (see builtin.BUILTINS), the official CIFAR-10 archive or folder, or an image
+folder (a directory or a .tar/.tar.gz/.tgz/.zip of one). Decoded arrays are cached on disk (cache.py);
+the val/test fractions are applied after the cache, so changing them costs no decoding.
+"""
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from ..errors import ImgclfError
+from . import cache
+from .archives import ARCHIVE_SUFFIXES, archive_stem, is_archive
+from .builtin import BUILTINS, builtin_archive
+from .cifar import is_cifar10, load_cifar10
+from .decoded import Decoded
+from .folder import LAYOUT_HELP, load_folder
+from .notify import note
+from .split import stratified_split
 
 
 @dataclass
@@ -28,5 +49,104 @@ class Dataset:
 
 def load_dataset(data: str = "cifar10", *, image_size: int | None = None, val_split: float = 0.0,
                  test_split: float = 0.0, seed: int = 0, skip_bad_images: bool = False,
-                 download: bool = True, progress: bool = True) -> Dataset:
-    raise NotImplementedError
+                 download: bool = True, progress: bool = True, channels: int | None = None) -> Dataset:
+    """Load, decode (or fetch from the cache) and split a dataset.
+
+    image_size: square side to resize to; None keeps the native size when every image has one square size,
+        else uses the most common shorter side (at most 64), with a note.
+    val_split / test_split: fractions carved (stratified, seeded by ``seed``) from train, or from the whole
+        set for a <class>/* folder; a val/ or test/ folder in the source takes precedence.
+    skip_bad_images: leave unreadable image files out (listed in Dataset.skipped) instead of failing.
+    download: allow downloading a built-in dataset that is not cached yet.
+    progress: tqdm bars on stderr for download and decoding.
+    channels: force 1 or 3; None: 1 if every image is greyscale, else 3.
+    """
+    _check_options(image_size=image_size, val_split=val_split, test_split=test_split, channels=channels)
+    name, source, parser, kind = _resolve(data, download=download, progress=progress)
+    key = cache.cache_key(source, parser=kind, image_size=image_size, channels=channels,
+                          skip_bad_images=skip_bad_images)
+    decoded = cache.load(key)
+    if decoded is None:
+        parser = parser or _detect_parser(source)
+        decoded = parser(source, image_size=image_size, channels=channels, skip_bad_images=skip_bad_images,
+                         progress=progress)
+        cache.save(key, decoded)
+    return _make_dataset(decoded, name=name, source=source, val_split=val_split, test_split=test_split,
+                         seed=seed)
+
+
+def _check_options(*, image_size, val_split, test_split, channels) -> None:
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ImgclfError(f"image size must be a positive whole number of pixels, not {image_size!r}")
+    if channels not in (None, 1, 3):
+        raise ImgclfError(f"channels must be 1 (greyscale) or 3 (RGB), not {channels!r}")
+    for flag, value in (("val", val_split), ("test", test_split)):
+        if not 0 <= value < 1:
+            raise ImgclfError(f"--{flag}-split must be a fraction in [0, 1), not {value}")
+    if val_split + test_split >= 1:
+        raise ImgclfError(f"--val-split {val_split} + --test-split {test_split} leave nothing to train on; "
+                          "keep their sum below 1")
+
+
+def _resolve(data, *, download: bool, progress: bool) -> tuple[str, Path, Callable | None, str]:
+    """-> (dataset name, absolute source path, parser or None to detect on a cache miss, cache-key kind).
+
+    A built-in name wins over a folder of the same name in the working directory: write ./cifar10 for that.
+    """
+    text = os.fspath(data)
+    if text.lower() in BUILTINS:
+        entry = BUILTINS[text.lower()]
+        path = builtin_archive(entry.name, download=download, progress=progress)
+        return entry.name, path.resolve(), entry.parser, f"builtin:{entry.name}"
+    path = Path(text).expanduser()
+    if not path.exists():
+        if "/" in text or os.sep in text or "." in text:
+            raise ImgclfError(f"{text}: no such file or folder; check the path given to --data")
+        raise ImgclfError(f"unknown dataset {text!r}: the built-in ones are {', '.join(sorted(BUILTINS))}; "
+                          "a path to an image folder or a .tar.gz/.zip of one also works")
+    path = path.resolve()
+    if path.is_dir():
+        return path.name, path, None, "path"
+    if not is_archive(path):
+        raise ImgclfError(f"{path} is a file but not a folder or an archive ({', '.join(ARCHIVE_SUFFIXES)}): "
+                          f"{LAYOUT_HELP}")
+    return archive_stem(path), path, None, "path"
+
+
+def _detect_parser(path: Path) -> Callable[..., Decoded]:
+    """The official CIFAR-10 batches, or else an image folder. Only run on a cache miss: the choice
+    follows from the source's content, which the cache key already covers."""
+    return load_cifar10 if is_cifar10(path) else load_folder
+
+
+def _make_dataset(decoded: Decoded, *, name: str, source: Path, val_split: float, test_split: float,
+                  seed: int) -> Dataset:
+    """Apply the split fractions to the decoded arrays. Independent seeded streams for test and val, so
+    the same seed always carves the same images."""
+    test_rng = np.random.default_rng([seed % (1 << 64), 1])
+    val_rng = np.random.default_rng([seed % (1 << 64), 2])
+    splits = decoded.splits
+    test = Split(*splits["test"]) if "test" in splits else None
+    val = Split(*splits["val"]) if "val" in splits else None
+    val_origin = "val-folder" if val is not None else "none"
+    x, y = splits["all"] if "all" in splits else splits["train"]
+    rest = np.arange(len(y))
+
+    test_carved = test is None and test_split > 0
+    if test_split > 0 and not test_carved:
+        note(f"ignoring test split {test_split}: {source} has its own test/ folder")
+    elif test_carved:
+        keep, carved = stratified_split(y, test_split, test_rng)
+        test, rest = Split(x[carved], y[carved]), keep
+    if val_split > 0 and val is not None:
+        note(f"ignoring val split {val_split}: {source} has its own val/ folder")
+    elif val_split > 0:
+        # Both fractions are of the same pool, so scale val's to what the test carve left of it.
+        fraction = val_split / (1 - test_split) if test_carved else val_split
+        keep, carved = stratified_split(y[rest], fraction, val_rng)
+        val, val_origin = Split(x[rest[carved]], y[rest[carved]]), "val-split"
+        rest = rest[keep]
+    train = Split(x, y) if len(rest) == len(y) else Split(x[rest], y[rest])
+    return Dataset(name=name, source=str(source), classes=list(decoded.classes), channels=decoded.channels,
+                   image_size=decoded.image_size, train=train, test=test, val=val, val_origin=val_origin,
+                   skipped=list(decoded.skipped))

@@ -43,7 +43,9 @@ class SeedCNN(ImageClassifier):
             if batch_norm:
                 # Keras BatchNormalization defaults: epsilon 1e-3, moving average 0.99 (= torch momentum 0.01).
                 layers.append(nn.BatchNorm2d(width, eps=1e-3, momentum=0.01))
-            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            # Pool before ReLU: max-pool commutes with any monotonic function, so this is the seeds'
+            # conv-ReLU-pool exactly, with the ReLU (and its backward) on a quarter of the pixels.
+            layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
             side, ch = (side - 2) // 2, width
         if side < 1:
             raise ImgclfError(f"seed-cnn needs images of at least 22x22 pixels, got {image_size}")

@@ -1,0 +1,202 @@
+"""load_dataset on image folders: layouts, class order, splits, channels, sizes and bad input."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from imgclf.data import decode, load_dataset
+from imgclf.errors import ImgclfError
+
+
+def load(path, **kw):
+    return load_dataset(str(path), progress=False, **kw)
+
+
+def test_train_test_layout_in_natural_class_order(image_tree):
+    root = image_tree({"train/10": 2, "train/2": 3, "train/b": 1, "test/2": 1, "test/10": 1, "test/b": 1})
+    ds = load(root)
+    assert ds.classes == ["2", "10", "b"]
+    assert ds.name == "data" and ds.source == str(root.resolve())
+    assert ds.train.x.shape == (6, 8, 8, 3) and ds.train.x.dtype == np.uint8
+    assert ds.train.y.dtype == np.int64 and ds.train.y.tolist() == [0, 0, 0, 1, 1, 2]
+    assert ds.test.y.tolist() == [0, 1, 2]
+    assert ds.val is None and ds.val_origin == "none" and ds.skipped == []
+    assert ds.image_size == 8 and ds.channels == 3
+    # labels follow the pixels: every image of a class has that class's colour
+    for split in (ds.train, ds.test):
+        for x, y in zip(split.x, split.y):
+            assert (x == split.x[split.y == y][0]).all()
+
+
+def test_class_only_layout_is_split_by_fractions(image_tree):
+    root = image_tree({"cat": 10, "dog": 10, "eel": 5})
+    ds = load(root, val_split=0.2, test_split=0.2, seed=3)
+    assert ds.classes == ["cat", "dog", "eel"]
+    assert len(ds.train.y) + len(ds.val.y) + len(ds.test.y) == 25
+    for split in (ds.train, ds.val, ds.test):       # stratified: every class on every side
+        assert set(split.y.tolist()) == {0, 1, 2}
+    assert np.bincount(ds.test.y).tolist() == [2, 2, 1]
+    assert ds.val_origin == "val-split"
+
+
+def test_class_only_without_fractions_has_no_test(image_tree):
+    ds = load(image_tree({"a": 2, "b": 2}))
+    assert ds.test is None and len(ds.train.y) == 4
+
+
+def test_split_is_seeded(image_tree):
+    root = image_tree({"cat": 20, "dog": 20})
+    # give each image a unique pixel so the carved sets can be compared
+    for i, path in enumerate(sorted(root.rglob("*.png"))):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(path)
+    a, b, c = (load(root, val_split=0.25, seed=s) for s in (0, 0, 1))
+    assert (a.val.x == b.val.x).all() and (a.train.x == b.train.x).all()
+    assert not (a.val.x[:, 0, 0, 0] == c.val.x[:, 0, 0, 0]).all()
+    assert sorted(a.val.x[:, 0, 0, 0].tolist() + a.train.x[:, 0, 0, 0].tolist()) == list(range(40))
+
+
+def test_val_carved_from_train_and_val_folder(image_tree):
+    root = image_tree({"train/a": 10, "train/b": 10, "test/a": 2, "test/b": 2})
+    ds = load(root, val_split=0.1)
+    assert ds.val_origin == "val-split" and len(ds.val.y) == 2 and len(ds.train.y) == 18
+    assert len(ds.test.y) == 4  # the test folder is untouched
+    with_val = image_tree({"train/a": 3, "train/b": 3, "val/a": 1, "val/b": 2, "test/a": 1}, name="v")
+    ds = load(with_val, val_split=0.5)  # val/ wins over val_split
+    assert ds.val_origin == "val-folder" and ds.val.y.tolist() == [0, 1, 1] and len(ds.train.y) == 6
+
+
+def test_test_split_carves_from_train_only_without_test_folder(image_tree):
+    ds = load(image_tree({"train/a": 10, "train/b": 10}), test_split=0.2)
+    assert len(ds.test.y) == 4 and len(ds.train.y) == 16
+
+
+def test_greyscale_dataset_has_one_channel(image_tree):
+    ds = load(image_tree({"train/a": 2, "train/b": 2, "test/a": 1, "test/b": 1}, mode="L"))
+    assert ds.channels == 1 and ds.train.x.shape == (4, 8, 8, 1)
+
+
+def test_mixed_modes_give_three_channels(tmp_path):
+    root = tmp_path / "mixed"
+    write_image(root / "a" / "rgba.png", mode="RGBA")
+    write_image(root / "a" / "pal.png", mode="P")
+    write_image(root / "a" / "cmyk.jpg", mode="CMYK")
+    write_image(root / "b" / "grey.png", mode="L", value=3)
+    write_image(root / "b" / "la.png", mode="LA", value=3)
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(root / "b" / "deep.png")
+    ds = load(root)
+    assert ds.channels == 3 and ds.train.x.shape == (6, 8, 8, 3)
+    grey = ds.train.x[ds.train.y == 1]
+    assert (grey[..., 0] == grey[..., 2]).all()  # grey images are copied into all three channels
+    # files decode in sorted order: a/cmyk.jpg, a/pal.png, a/rgba.png, b/deep.png, b/grey.png, b/la.png
+    assert (ds.train.x[3] == round(40000 * 255 / 65535)).all()  # 16 bit scaled to 8, not clipped
+
+
+def test_all_grey_modes_give_one_channel(tmp_path):
+    root = tmp_path / "greys"
+    write_image(root / "a" / "l.png", mode="L")
+    write_image(root / "a" / "la.png", mode="LA")
+    write_image(root / "b" / "one.png", mode="1")
+    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(root / "b" / "deep.png")
+    assert load(root).channels == 1
+
+
+def test_varying_sizes_use_most_common_shorter_side(tmp_path, capsys):
+    root = tmp_path / "sizes"
+    for i, size in enumerate([(20, 10), (30, 10), (10, 10), (40, 50)]):
+        write_image(root / ("a" if i % 2 else "b") / f"{i}.png", size=size)
+    ds = load(root)
+    assert ds.image_size == 10 and ds.train.x.shape == (4, 10, 10, 3)
+    assert "10x10" in capsys.readouterr().err
+    assert load(root, image_size=6).train.x.shape == (4, 6, 6, 3)
+
+
+def test_large_images_default_capped_at_64_and_resized(tmp_path):
+    root = tmp_path / "big"
+    write_image(root / "a" / "0.jpg", size=(500, 375))
+    write_image(root / "b" / "0.jpg", size=(375, 500))
+    write_image(root / "b" / "1.jpg", size=(200, 100))
+    ds = load(root)
+    assert ds.image_size == 64 and ds.train.x.shape == (3, 64, 64, 3)
+    assert load(root, image_size=32).train.x.shape == (3, 32, 32, 3)
+
+
+def _corrupt_files(root):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "train" / "a" / "cut.jpg").write_bytes(buf.getvalue()[:300])
+    (root / "train" / "b" / "text.jpg").write_text("hello")
+
+
+def test_bad_images_raise_or_are_skipped(image_tree, capsys):
+    root = image_tree({"train/a": 2, "train/b": 2, "test/a": 1, "test/b": 1})
+    _corrupt_files(root)
+    with pytest.raises(ImgclfError, match=r"cut\.jpg.*skip-bad-images"):
+        load(root)
+    ds = load(root, skip_bad_images=True)
+    assert ds.skipped == ["train/a/cut.jpg", "train/b/text.jpg"]
+    assert len(ds.train.y) == 4
+    assert "skipped 2" in capsys.readouterr().err
+
+
+def test_text_file_named_jpg_is_named_in_error(image_tree):
+    root = image_tree({"train/a": 1, "train/b": 1})
+    (root / "train" / "b" / "text.jpg").write_text("hello")
+    with pytest.raises(ImgclfError, match=r"text\.jpg"):
+        load(root)
+
+
+def test_hidden_and_non_image_files_are_ignored(image_tree, capsys):
+    root = image_tree({"train/a": 1, "train/b": 1})
+    (root / "train" / "a" / ".DS_Store").write_text("junk")
+    (root / "train" / "a" / "notes.txt").write_text("junk")
+    (root / ".hidden").mkdir()
+    (root / "__MACOSX" / "train" / "a").mkdir(parents=True)
+    (root / "__MACOSX" / "train" / "a" / "._0.png").write_text("junk")
+    ds = load(root)
+    assert ds.classes == ["a", "b"] and len(ds.train.y) == 2
+    assert "notes.txt" in capsys.readouterr().err
+
+
+def test_layout_errors(tmp_path, image_tree):
+    with pytest.raises(ImgclfError, match="no such file or folder"):
+        load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImgclfError, match="no class folders found.*expected train/<class>"):
+        load(tmp_path / "empty")
+    root = image_tree({"train/a": 1, "train/b": 1}, name="e")
+    (root / "train" / "c").mkdir()
+    with pytest.raises(ImgclfError, match="train/c has no images"):
+        load(root)
+    root = image_tree({"train/a": 1, "train/b": 1, "test/a": 1, "test/zebra": 1}, name="m")
+    with pytest.raises(ImgclfError, match="test/zebra.*train/zebra"):
+        load(root)
+    with pytest.raises(ImgclfError, match=r"only one class folder \(cat/\)"):
+        load(image_tree({"cat": 2}, name="one"))
+    root = image_tree({"test/a": 1, "test/b": 1}, name="t")
+    with pytest.raises(ImgclfError, match="no train/ folder"):
+        load(root)
+
+
+def test_unknown_builtin_name_lists_the_valid_ones():
+    with pytest.raises(ImgclfError, match="unknown dataset 'imagenet'.*cifar10.*path"):
+        load_dataset("imagenet", progress=False)
+
+
+def test_file_that_is_not_an_archive(tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_text("a,b")
+    with pytest.raises(ImgclfError, match="not a folder or an archive"):
+        load(path)
+
+
+def test_parallel_decode_matches_serial(image_tree, monkeypatch):
+    root = image_tree({"train/a": 7, "train/b": 6, "test/a": 2, "test/b": 3}, size=(9, 9))
+    serial = load(root)
+    monkeypatch.setattr(decode, "PARALLEL_MIN", 4)
+    monkeypatch.setattr(decode, "CHUNK", 3)
+    parallel = load(root, image_size=9, channels=3)  # other options -> another cache entry, decoded again
+    assert (serial.train.x == parallel.train.x).all() and (serial.test.y == parallel.test.y).all()

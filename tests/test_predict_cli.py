@@ -1,0 +1,134 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imgclf
+from imgclf.cli import main
+from imgclf.errors import ImgclfError
+
+
+def _cli(capsys, *args):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Odd photos: big, greyscale, RGBA, CMYK, EXIF-rotated, a truncated JPEG and a text file named .jpg."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    red = np.zeros((375, 500, 3), np.uint8)
+    red[..., 0] = 210
+    Image.fromarray(red).save(d / "big_red.jpg", quality=90)
+    Image.fromarray(red).convert("L").save(d / "grey.png")
+    rgba = Image.fromarray(red).convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(d / "alpha.png")
+    Image.fromarray(red).convert("CMYK").save(d / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(red).save(d / "rotated.jpg", exif=exif)
+    data = (d / "big_red.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (tmp_path / "notes.jpg").write_text("this is not an image")
+    return d
+
+
+def test_api_predict_any_photo(tiny_run, photos):
+    clf = imgclf.load(tiny_run.run_dir)
+    preds = clf.predict(sorted(photos.iterdir()), top_k=2)
+    colour = [p for p in preds if not p.source.endswith("grey.png")]  # a grey photo has no colour to see
+    assert len(colour) == 4 and all(p.label == "red" for p in colour), [(p.source, p.top) for p in preds]
+    assert all(len(p.top) == 2 and p.top[0][1] >= p.top[1][1] for p in preds)
+    assert clf.predict(photos / "grey.png", top_k=99)[0].top.__len__() == 3  # more than classes -> all
+    probs = clf.predict_proba([photos / "big_red.jpg"])
+    assert probs.shape == (1, 3) and abs(probs.sum() - 1) < 1e-5
+
+
+def test_api_errors(tiny_run, tmp_path):
+    clf = imgclf.load(tiny_run.run_dir)
+    (tmp_path / "bad.jpg").write_text("nope")
+    with pytest.raises(ImgclfError, match="bad.jpg"):
+        clf.predict(tmp_path / "bad.jpg")
+    out = clf.predict([tmp_path / "bad.jpg"], errors="report")
+    assert out[0].error and not out[0].top
+
+
+def test_cli_predict_formats_and_per_file_errors(tiny_run, photos, capsys):
+    run = str(tiny_run.run_dir)
+    code, out, err = _cli(capsys, "predict", run, str(photos), "--top-k", "5")
+    assert code == 0 and out.count("red") >= 5 and "error" not in out and len(out.splitlines()) == 5
+    code, out, err = _cli(capsys, "predict", run, str(photos / "big_red.jpg"), str(photos.parent / "truncated.jpg"),
+                          str(photos.parent / "notes.jpg"), "--format", "json")
+    rows = json.loads(out)
+    assert code == 1 and "2 of 3" in err
+    assert rows[0]["top"][0]["class"] == "red"
+    assert "truncated.jpg" in rows[1]["error"] and "notes.jpg" in rows[2]["error"]
+    code, out, _ = _cli(capsys, "predict", run, str(photos / "*.png"), "--format", "csv")
+    assert code == 0 and out.splitlines()[0] == "source,rank,class,probability,error"
+    assert len(out.splitlines()) == 1 + 2 * 3  # two PNGs, top-3 each
+
+
+def test_cli_evaluate_matches_training(tiny_run, capsys):
+    code, out, _ = _cli(capsys, "evaluate", str(tiny_run.run_dir), "--json", "--no-progress")
+    m = json.loads(out)
+    assert code == 0 and m["n"] == 24
+    assert m["top1"] == pytest.approx(tiny_run.test_metrics["top1"])
+    assert m["loss"] == pytest.approx(tiny_run.test_metrics["loss"], rel=1e-4)
+    assert set(m["per_class_accuracy"]) == {"blue", "green", "red"}
+    code, out, _ = _cli(capsys, "evaluate", str(tiny_run.run_dir / "best.safetensors"), "--no-progress")
+    assert code == 0 and "top-1" in out and "top-5" in out
+
+
+def test_evaluate_on_other_data_maps_classes_by_name(tiny_run, tmp_path):
+    from conftest import make_image_folder
+    other = make_image_folder(tmp_path / "other", classes=("red", "blue"), n_train=2, n_test=6, seed=5)
+    m = imgclf.evaluate(tiny_run.run_dir, data=str(other), progress=False)
+    assert m["n"] == 12 and m["top1"] >= 0.9
+    assert m["per_class_accuracy"]["green"] is None
+
+
+def test_cli_train_smoke_and_models(tiny_folder, tmp_path, capsys):
+    code, out, _ = _cli(capsys, "train", "--data", str(tiny_folder), "--epochs", "1", "--batch-size", "16",
+                        "--project", str(tmp_path / "runs"), "--no-progress", "--augment", "standard")
+    assert code == 0 and out.strip().splitlines()[-1] == str(tmp_path / "runs" / "tiny-seed-cnn")
+    code, out, _ = _cli(capsys, "models")
+    assert code == 0 and "160,202" in out and "resnet18" in out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--data", "/no/such/place"], "/no/such/place"),
+    (["train", "--data", "cifar10", "--optimizer", "rmsprop"], "optimizer must be one of"),
+    (["train", "--model", "resnet-18", "--data", "x"], "resnet18"),
+    (["predict", "/no/run", "x.jpg"], "not found"),
+    (["evaluate", "/no/run"], "not found"),
+])
+def test_cli_bad_input_is_one_clear_line(args, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and match in err and "Traceback" not in err
+
+
+def test_pickle_renamed_to_checkpoint_is_refused(tmp_path, capsys):
+    import torch
+    torch.save({"w": torch.zeros(1)}, tmp_path / "best.safetensors")
+    code, _, err = _cli(capsys, "predict", str(tmp_path / "best.safetensors"), "x.jpg")
+    assert code == 2 and "refused" in err
+
+
+def test_python_m_imgclf(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "imgclf", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "predict" in out.stdout
+    assert shutil.which("imgclf") is not None  # the console script, installed by pip

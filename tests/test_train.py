@@ -1,0 +1,163 @@
+import csv
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import imgclf
+from imgclf.checkpoint import load_checkpoint
+from imgclf.errors import ImgclfError
+from imgclf.train import Callback
+
+
+def _train(data, tmp_path, **kw):
+    kw.setdefault("model", "seed-cnn")
+    kw.setdefault("batch_size", 16)
+    return imgclf.train(data=str(data), project=str(tmp_path / "runs"), progress=False, **kw)
+
+
+def test_run_folder_contents(tiny_run, capsys):
+    run = tiny_run.run_dir
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["best.safetensors", "config.toml", "last.safetensors", "metrics.csv", "run.json"]
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["data"]["classes"] == ["blue", "green", "red"]
+    best = load_checkpoint(run / "best.safetensors")
+    assert best.meta["arch"]["name"] == "seed-cnn"
+    assert best.meta["preprocess"]["image_size"] == 32 and best.meta["preprocess"]["channels"] == 3
+    assert best.meta["test_metrics"]["top1"] == tiny_run.test_metrics["top1"]
+    assert best.train_state is None and load_checkpoint(run / "last.safetensors").train_state is not None
+    # no pickle anywhere in a run folder: every file is text or safetensors (JSON header first)
+    for p in run.iterdir():
+        head = p.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK"
+
+
+def test_tiny_run_learns(tiny_run):
+    assert tiny_run.status == "finished"
+    assert tiny_run.test_metrics["top1"] >= 0.9  # colour classes are easy
+
+
+def test_natural_class_order_and_test_as_validation_note(tmp_path, capsys):
+    from conftest import make_image_folder
+    data = make_image_folder(tmp_path / "d", classes=("c10", "c2", "c1"), n_train=4, n_test=2)
+    r = _train(data, tmp_path, epochs=1)
+    out = capsys.readouterr().out
+    assert "validating on the TEST set" in out
+    assert out.strip().splitlines()[-1] == str(r.run_dir)  # the last line printed is the run folder
+    assert load_checkpoint(r.run_dir).meta["classes"] == ["c1", "c2", "c10"]
+
+
+def _weights(run_dir, name="last"):
+    return load_checkpoint(run_dir / f"{name}.safetensors").state_dict
+
+
+@pytest.mark.parametrize("model,augment,schedule", [("seed-cnn", "standard", "onecycle"),
+                                                    ("seed-cnn-bn", "seed004", "plateau")])
+def test_resume_equals_uninterrupted(tiny_folder, tmp_path, model, augment, schedule):
+    kw = dict(model=model, augment=augment, schedule=schedule, val_split=0.25, seed=3)
+    full = _train(tiny_folder, tmp_path, epochs=3, name="full", **kw)
+    part = _train(tiny_folder, tmp_path, epochs=1, name="part", **kw) if schedule != "onecycle" else None
+    if part is not None:  # stopped at an epoch boundary, resumed with more epochs
+        resumed = imgclf.train(resume=part.run_dir, epochs=3, progress=False)
+        assert resumed.run_dir == part.run_dir and resumed.epochs_done == 3
+        a, b = _weights(full.run_dir), _weights(part.run_dir)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # stopped mid-epoch by a callback, resumed: identical weights, history and best
+    class StopAt(Callback):
+        def on_step_end(self, trainer, epoch, step, loss):
+            if (epoch, step) == (1, 1):
+                trainer.request_stop()
+
+    mid = _train(tiny_folder, tmp_path, epochs=3, name="mid", callbacks=[StopAt()], **kw)
+    assert mid.status == "interrupted"
+    ts = load_checkpoint(mid.run_dir / "last.safetensors").train_state
+    assert (ts["epoch"], ts["step"]) == (1, 2)
+    resumed = imgclf.train(resume=mid.run_dir, progress=False)
+    a, b = _weights(full.run_dir), _weights(mid.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
+    assert resumed.best_epoch == full.best_epoch
+    a, b = _weights(full.run_dir, "best"), _weights(mid.run_dir, "best")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_saves_last_and_exits_cleanly(tiny_folder, tmp_path):
+    class CtrlC(Callback):
+        def on_step_end(self, trainer, epoch, step, loss):
+            if step == 0:
+                os.kill(os.getpid(), signal.SIGINT)  # the real signal path, handled after the step
+
+    r = _train(tiny_folder, tmp_path, epochs=2, callbacks=[CtrlC()])
+    assert r.status == "interrupted"
+    assert json.loads((r.run_dir / "run.json").read_text())["status"] == "interrupted"
+    ts = load_checkpoint(r.run_dir / "last.safetensors").train_state
+    assert (ts["epoch"], ts["step"]) == (0, 1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_early_stopping_restores_best(tiny_folder, tmp_path):
+    r = _train(tiny_folder, tmp_path, epochs=40, monitor="val_acc", patience=2, val_split=0.25, lr=3e-3)
+    assert r.status == "early-stopped" and r.epochs_done < 40
+    accs = [row["val_acc"] for row in r.history]
+    assert r.best_epoch == accs.index(max(accs)) + 1  # first epoch reaching the best score
+    best = load_checkpoint(r.run_dir / "best.safetensors")
+    assert best.meta["epoch"] == r.best_epoch
+    assert r.test_metrics["weights"].startswith(f"best (epoch {r.best_epoch})")
+
+
+def test_resume_refuses_changed_settings(tiny_run):
+    with pytest.raises(ImgclfError, match="cannot change model"):
+        imgclf.train(resume=tiny_run.run_dir, model="resnet18")
+    with pytest.raises(ImgclfError, match="cannot resume"):
+        imgclf.train(resume=tiny_run.run_dir / "nope")
+
+
+def test_run_folders_are_never_reused(tiny_folder, tmp_path):
+    a = _train(tiny_folder, tmp_path, epochs=1, name="same")
+    b = _train(tiny_folder, tmp_path, epochs=1, name="same")
+    assert a.run_dir.name == "same" and b.run_dir.name == "same-2"
+
+
+def test_greyscale_folder_trains_greyscale_model(tmp_path):
+    from conftest import make_image_folder
+    data = make_image_folder(tmp_path / "grey", mode="L", n_train=6, n_test=2, size=28)
+    r = _train(data, tmp_path, epochs=1)
+    meta = load_checkpoint(r.run_dir).meta
+    assert meta["preprocess"]["channels"] == 1 and meta["arch"]["in_channels"] == 1
+    assert meta["preprocess"]["image_size"] == 28
+
+
+def test_config_file_with_flag_override(tiny_folder, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'data = "{tiny_folder}"\nepochs = 5\nbatch_size = 16\nmodel = "seed-cnn"\n')
+    r = imgclf.train(cfg, epochs=1, project=str(tmp_path / "runs"), progress=False)
+    assert r.epochs_done == 1
+    assert "epochs = 1" in (r.run_dir / "config.toml").read_text()
+    cfg.write_text("epoks = 5\n")
+    with pytest.raises(ImgclfError, match="did you mean 'epochs'"):
+        imgclf.train(cfg)
+
+
+def test_fraction_is_stratified(tiny_folder, tmp_path):
+    r = _train(tiny_folder, tmp_path, epochs=1, fraction=0.5)
+    info = json.loads((r.run_dir / "run.json").read_text())
+    assert any("50% of the training images (36)" in n for n in info["notes"])
+
+
+@pytest.mark.realdata
+def test_real_cifar10_seed_cnn_one_epoch(tmp_path):
+    """The seed CNN, 1 epoch on 10,000 real CIFAR-10 training images, scores >= 35 % on the full test set."""
+    from conftest import CIFAR_JPEG
+    if not CIFAR_JPEG.is_file():
+        pytest.skip(f"{CIFAR_JPEG} not present")
+    r = imgclf.train(data=str(CIFAR_JPEG), model="seed-cnn", epochs=1, batch_size=64, fraction=0.2,
+                     project=str(tmp_path / "runs"), progress=False)
+    assert r.test_metrics["n"] == 10_000
+    assert r.test_metrics["top1"] >= 0.35, r.test_metrics
