@@ -200,3 +200,19 @@ def test_parallel_decode_matches_serial(image_tree, monkeypatch):
     monkeypatch.setattr(decode, "CHUNK", 3)
     parallel = load(root, image_size=9, channels=3)  # other options -> another cache entry, decoded again
     assert (serial.train.x == parallel.train.x).all() and (serial.test.y == parallel.test.y).all()
+
+
+def test_progress_bars_go_to_stderr_only_when_asked(image_tree, capsys):
+    root = image_tree({"train/a": 2, "train/b": 2})
+    load(root)
+    assert capsys.readouterr() == ("", "")
+    load_dataset(str(root), image_size=4, progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "decode" in err
+
+
+def test_channels_can_be_forced(image_tree):
+    root = image_tree({"train/a": 2, "train/b": 2}, mode="L")
+    rgb = load(root, channels=3)
+    assert rgb.channels == 3 and rgb.train.x.shape[-1] == 3
+    assert (rgb.train.x[..., 0] == load(root).train.x[..., 0]).all()

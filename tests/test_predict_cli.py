@@ -132,3 +132,28 @@ def test_python_m_imgclf(tmp_path):
     out = subprocess.run([sys.executable, "-m", "imgclf", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "predict" in out.stdout
     assert shutil.which("imgclf") is not None  # the console script, installed by pip
+
+
+def test_ctrl_c_in_the_cli_saves_last_and_resumes(tiny_folder, tmp_path):
+    """A real SIGINT to `imgclf train`: exit 130 without a traceback, `last` saved, `--resume` finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "runs" / "ctrlc"
+    cmd = [sys.executable, "-m", "imgclf", "train", "--data", str(tiny_folder), "--epochs", "100000",
+           "--batch-size", "16", "--project", str(tmp_path / "runs"), "--name", "ctrlc", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "imgclf train --resume" in out
+    from imgclf.checkpoint import load_checkpoint
+    done = load_checkpoint(run / "last.safetensors").train_state["epoch"]
+    assert done >= 1
+    result = imgclf.train(resume=run, epochs=done + 1, progress=False)
+    assert result.status == "finished" and result.epochs_done == done + 1

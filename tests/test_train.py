@@ -161,3 +161,29 @@ def test_real_cifar10_seed_cnn_one_epoch(tmp_path):
                      project=str(tmp_path / "runs"), progress=False)
     assert r.test_metrics["n"] == 10_000
     assert r.test_metrics["top1"] >= 0.35, r.test_metrics
+
+    # predict on the archive's own test JPEGs agrees with the evaluated accuracy, and the same images
+    # blown up to 500x500 photos (then shrunk back by the stored preprocessing) keep their predictions
+    import io
+    import tarfile
+
+    from PIL import Image
+    clf = imgclf.load(r.run_dir)
+    originals, photos, labels = [], [], []
+    with tarfile.open(CIFAR_JPEG) as tf:
+        for m in tf:
+            parts = m.name.split("/")
+            if m.isfile() and parts[0] == "test" and parts[-1] < "0020.jpg":
+                data = tf.extractfile(m).read()
+                originals.append(data)
+                big = Image.open(io.BytesIO(data)).resize((500, 500), Image.BICUBIC)
+                buf = io.BytesIO()
+                big.save(buf, "JPEG", quality=92)
+                photos.append(buf.getvalue())
+                labels.append(parts[1])
+    assert len(labels) == 200
+    small = [p.label for p in clf.predict(originals)]
+    large = [p.label for p in clf.predict(photos)]
+    acc = sum(a == b for a, b in zip(small, labels)) / len(labels)
+    assert abs(acc - r.test_metrics["top1"]) < 0.1, (acc, r.test_metrics["top1"])
+    assert sum(a == b for a, b in zip(small, large)) / len(labels) >= 0.8

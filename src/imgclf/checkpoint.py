@@ -68,7 +68,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         with safe_open(str(path), framework="pt", device=str(map_location)) as f:
             raw_meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ImgclfError(
             f"{path} is not an imgclf checkpoint: imgclf reads only .safetensors files it wrote "

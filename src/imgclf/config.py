@@ -96,7 +96,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_sources(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                     base: "TrainConfig | None" = None) -> "TrainConfig":
+                     base: TrainConfig | None = None) -> TrainConfig:
         """``base`` (or the defaults) <- values from ``config_file`` <- ``overrides`` (None values ignored)."""
         values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
         if config_file is not None:

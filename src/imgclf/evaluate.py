@@ -78,34 +78,24 @@ def evaluate(model: str | Path | Any, data: str | None = None, *, split: str = "
     if data is None:
         if not rec.get("source"):
             raise ImgclfError("this checkpoint does not record its data; pass --data")
-        ds = load_dataset(rec["source"], image_size=spec.image_size, val_split=rec.get("val_split", 0.0),
+        # a built-in dataset is found again by its name (same cache entry); anything else by its path
+        ds = load_dataset(rec.get("builtin") or rec["source"], image_size=spec.image_size,
+                          channels=spec.channels, val_split=rec.get("val_split", 0.0),
                           test_split=rec.get("test_split", 0.0), seed=rec.get("seed", 0),
                           skip_bad_images=rec.get("skip_bad_images", False), progress=progress)
     else:
-        ds = load_dataset(data, image_size=spec.image_size, progress=progress)
+        ds = load_dataset(data, image_size=spec.image_size, channels=spec.channels, progress=progress)
     part = {"test": ds.test, "val": ds.val, "train": ds.train}.get(split, "bad")
     if part == "bad":
         raise ImgclfError(f"split must be test, val or train; got {split!r}")
     if part is None:
         raise ImgclfError(f"{ds.source} has no {split} split; pass --split or data with a {split}/ folder")
-    x = match_channels(part.x, spec.channels)
     y = remap_labels(part.y, ds.classes, clf.classes)
-    logits = predict_logits(clf.model, to_tensor(x), clf.normalizer, batch_size=batch_size,
+    logits = predict_logits(clf.model, to_tensor(part.x), clf.normalizer, batch_size=batch_size,
                             autocast_dtype=clf.autocast_dtype, channels_last=clf.channels_last)
     result = metrics_from_logits(logits, torch.as_tensor(y), clf.classes)
     result.update(split=split, data=ds.source, checkpoint=str(clf.path))
     return result
-
-
-def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    """Give (N, H, W, C) images the model's channel count: grey -> RGB repeats, RGB -> grey by luminance
-    (ITU-R 601-2, as Pillow's convert("L") does, so it matches predict on a single image)."""
-    if x.shape[-1] == channels:
-        return x
-    if channels == 3:
-        return np.repeat(x, 3, axis=-1)
-    lum = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
-    return np.clip(np.rint(lum), 0, 255).astype(np.uint8)[..., None]
 
 
 def remap_labels(y: np.ndarray, data_classes: list[str], model_classes: list[str]) -> np.ndarray:

@@ -32,7 +32,8 @@ from . import __version__
 from .augment import build_augment
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Dataset, Preprocess, Split, load_dataset
+from .data import BUILTINS, Dataset, Preprocess, Split, load_dataset
+from .data.split import stratified_split
 from .data.tensors import Normalizer, channel_stats, to_tensor
 from .errors import ImgclfError
 from .evaluate import autocast_context, metrics_from_logits, predict_logits
@@ -48,9 +49,9 @@ class Callback:
     """Hooks into the loop; override what you need. ``trainer.request_stop()`` ends the run cleanly
     (``last`` is saved and the run can be resumed)."""
 
-    def on_step_end(self, trainer: "Trainer", epoch: int, step: int, loss: float) -> None: ...
+    def on_step_end(self, trainer: Trainer, epoch: int, step: int, loss: float) -> None: ...
 
-    def on_epoch_end(self, trainer: "Trainer", row: dict[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, float]) -> None: ...
 
 
 @dataclass
@@ -124,7 +125,7 @@ class Trainer:
         ds = load_dataset(cfg.data, image_size=cfg.image_size, val_split=cfg.val_split, test_split=cfg.test_split,
                           seed=cfg.seed, skip_bad_images=cfg.skip_bad_images, progress=self.progress)
         if cfg.fraction < 1.0:
-            keep = _stratified_subset(ds.train.y, cfg.fraction, cfg.seed)
+            _, keep = stratified_split(ds.train.y, cfg.fraction, np.random.default_rng(cfg.seed))
             ds.train = Split(ds.train.x[keep], ds.train.y[keep])
             self.notes.append(f"training on {cfg.fraction:.0%} of the training images ({len(keep):,}), "
                               "stratified by class")
@@ -325,7 +326,8 @@ class Trainer:
             "classes": ds.classes,
             "preprocess": self.preprocess.to_dict(),
             "channels_last": cfg.channels_last,
-            "data": {"source": ds.source, "name": ds.name, "val_split": cfg.val_split,
+            "data": {"source": ds.source, "name": ds.name, "builtin": cfg.data if cfg.data in BUILTINS else None,
+                     "val_split": cfg.val_split,
                      "test_split": cfg.test_split, "seed": cfg.seed, "skip_bad_images": cfg.skip_bad_images},
             "epoch": state["epoch"],
             "metrics": dict(row or (state["history"][-1] if state["history"] else {})),
@@ -381,9 +383,10 @@ class Trainer:
                                         batch_size=cfg.eval_batch_size, autocast_dtype=self.autocast_dtype,
                                         channels_last=cfg.channels_last)
                 test_metrics = metrics_from_logits(logits, torch.from_numpy(self.ds.test.y), self.ds.classes)
-                test_metrics["weights"] = f"{final} (epoch {state['best_epoch'] if final == 'best' else state['epoch']})"
-                self.log(f"test   loss {test_metrics['loss']:.4f}  top-1 {test_metrics['top1']:.2%}  "
-                         f"top-5 {test_metrics['top5']:.2%}  on {test_metrics['n']:,} images ({test_metrics['weights']})")
+                m = test_metrics
+                m["weights"] = f"{final} (epoch {state['best_epoch'] if final == 'best' else state['epoch']})"
+                self.log(f"test   loss {m['loss']:.4f}  top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  "
+                         f"on {m['n']:,} images ({m['weights']})")
             # the deliverable checkpoint carries its final metrics
             target = self.run_dir / f"{final}.safetensors"
             if final == "best" and target.is_file():
@@ -480,14 +483,6 @@ def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(path, buf.getvalue())
-
-
-def _stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a seeded ``fraction`` of each class (at least one image per class), in original order."""
-    rng = np.random.default_rng(seed)
-    keep = [rng.permutation(np.flatnonzero(y == c))[:max(1, round(fraction * np.sum(y == c)))]
-            for c in np.unique(y)]
-    return np.sort(np.concatenate(keep))
 
 
 def _n(split) -> int:

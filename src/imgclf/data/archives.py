@@ -3,11 +3,13 @@
     for entry in iter_archive("cifar10-jpeg.tar.gz"):
         entry.name, entry.kind, entry.data      # "train/cat/0001.jpg", "file", b"..."
 
-Members are read into memory instead of being extracted: writing 60,000 small files to disk took
-longer (5.6 s with GNU tar, ~10 s from Python on the reference machine) than decoding them, and a
-member that is never written cannot land outside a folder. Every member is still checked first: an
-absolute path, a ``..`` component, or a link pointing outside the archive is refused with ImgclfError
-naming the entry (never silently renamed, as tarfile/zipfile's own sanitising would do).
+Members are read into memory instead of being extracted to a temporary folder: on the reference 2-core
+machine, writing the 60,000 small files of cifar10-jpeg.tar.gz to disk took 5.6 s with GNU tar and 9+ s
+with tarfile, about as long as decoding them, and a member that is never written cannot land outside a
+folder. The price is memory: an archive's images are held (compressed, as stored) while decoding.
+Every member is still checked first: an absolute path, a ``..`` component, or a link pointing outside
+the archive is refused with ImgclfError naming the entry (never silently renamed, as tarfile/zipfile's
+own sanitising would do).
 """
 from __future__ import annotations
 
@@ -76,10 +78,12 @@ def iter_archive(path: str | Path, *, stream: bool = False) -> Iterator[ArchiveE
 
 def _iter_tar(path: Path, *, stream: bool) -> Iterator[ArchiveEntry]:
     with contextlib.ExitStack() as stack:
+        raw = None
         if stream:  # "r|*": one sequential pass with transparent gzip/bz2/xz
             tar = stack.enter_context(tarfile.open(path, "r|*"))
         else:
-            tar = stack.enter_context(tarfile.open(fileobj=stack.enter_context(_decompressed(path)), mode="r:"))
+            raw = stack.enter_context(_decompressed(path))
+            tar = stack.enter_context(tarfile.open(fileobj=raw, mode="r:"))
         for member in tar:
             name = _safe_name(member.name, path)
             if name is None:
@@ -93,7 +97,19 @@ def _iter_tar(path: Path, *, stream: bool) -> Iterator[ArchiveEntry]:
                 # A hard link's target is a path from the archive's root.
                 yield ArchiveEntry(name, "link", target=_safe_target(name, member.linkname, path, relative=False))
             elif member.isfile():
-                yield ArchiveEntry(name, "file", data=tar.extractfile(member).read())
+                yield ArchiveEntry(name, "file", data=_read_member(tar, raw, member))
+
+
+def _read_member(tar: tarfile.TarFile, raw, member: tarfile.TarInfo) -> bytes:
+    """A regular member's bytes. From a seekable file they are read straight at the offset tarfile parsed,
+    which skips building a file object per member (0.8 s of 3.3 s over 60,000 members)."""
+    if raw is None or member.issparse():
+        return tar.extractfile(member).read()
+    raw.seek(member.offset_data)
+    data = raw.read(member.size)
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+    return data
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ the val/test fractions are applied after the cache, so changing them costs no de
 """
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,8 +61,12 @@ def load_dataset(data: str = "cifar10", *, image_size: int | None = None, val_sp
     download: allow downloading a built-in dataset that is not cached yet.
     progress: tqdm bars on stderr for download and decoding.
     channels: force 1 or 3; None: 1 if every image is greyscale, else 3.
+
+    Decoded arrays are cached under ``imgclf_home()/"cache"`` (``$IMGCLF_HOME``, default ~/.cache/imgclf),
+    downloads under ``imgclf_home()/"datasets"``. Unusable input raises ImgclfError.
     """
-    _check_options(image_size=image_size, val_split=val_split, test_split=test_split, channels=channels)
+    image_size = _check_options(image_size=image_size, val_split=val_split, test_split=test_split,
+                                channels=channels)
     name, source, parser, kind = _resolve(data, download=download, progress=progress)
     key = cache.cache_key(source, parser=kind, image_size=image_size, channels=channels,
                           skip_bad_images=skip_bad_images)
@@ -75,9 +80,12 @@ def load_dataset(data: str = "cifar10", *, image_size: int | None = None, val_sp
                          seed=seed)
 
 
-def _check_options(*, image_size, val_split, test_split, channels) -> None:
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise ImgclfError(f"image size must be a positive whole number of pixels, not {image_size!r}")
+def _check_options(*, image_size, val_split, test_split, channels) -> int | None:
+    """ImgclfError for impossible options; -> image_size as a plain int (or None)."""
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+            raise ImgclfError(f"image size must be a positive whole number of pixels, not {image_size!r}")
+        image_size = int(image_size)
     if channels not in (None, 1, 3):
         raise ImgclfError(f"channels must be 1 (greyscale) or 3 (RGB), not {channels!r}")
     for flag, value in (("val", val_split), ("test", test_split)):
@@ -86,6 +94,7 @@ def _check_options(*, image_size, val_split, test_split, channels) -> None:
     if val_split + test_split >= 1:
         raise ImgclfError(f"--val-split {val_split} + --test-split {test_split} leave nothing to train on; "
                           "keep their sum below 1")
+    return image_size
 
 
 def _resolve(data, *, download: bool, progress: bool) -> tuple[str, Path, Callable | None, str]:

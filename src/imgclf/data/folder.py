@@ -63,8 +63,10 @@ def load_folder(path: Path, *, image_size: int | None, channels: int | None, ski
                 decoder.add(rel, sources[rel], sources[rel])
             results = decoder.finish()
     else:
-        sources, results, files, dirs = _read_archive(path, image_size, channels, progress)
-        layout = scan_layout(files, dirs, where=str(path))
+        with Decoder(size=image_size, channels=channels, progress=progress) as decoder:
+            sources, files, dirs = _read_archive(path, decoder)
+            layout = scan_layout(files, dirs, where=str(path))  # while the workers finish decoding
+            results = decoder.finish()
     if layout.ignored:
         note(f"ignored {len(layout.ignored)} non-image file(s) in {path}, e.g. {layout.ignored[0]}")
     return _assemble(layout, results, sources, path, image_size=image_size, channels=channels,
@@ -224,33 +226,30 @@ def _member_label(archive: Path, name: str) -> str:
     return f"{archive} entry {name}"
 
 
-def _read_archive(path: Path, image_size: int | None, channels: int | None, progress: bool):
-    """Stream an archive once; images go to the decoder as they are read, so reading overlaps decoding.
-    -> (sources {relpath: bytes}, results, file list, folder list)."""
+def _read_archive(path: Path, decoder: Decoder) -> tuple[dict[str, bytes], list[str], list[str]]:
+    """Read an archive once, handing each image to ``decoder`` as it comes, so reading overlaps decoding.
+    -> (sources {relpath: bytes}, file list, folder list)."""
     sources: dict[str, bytes] = {}
     files, dirs, links = [], [], {}
-    with Decoder(size=image_size, channels=channels, progress=progress) as decoder:
-        for entry in iter_archive(path):
-            if any(_hidden(p) for p in entry.name.split("/")):
-                continue
-            if entry.kind == "dir":
-                dirs.append(entry.name)
-                continue
-            if entry.kind == "link":
-                links[entry.name] = entry.target
-                continue
+    for entry in iter_archive(path):
+        if any(_hidden(p) for p in entry.name.split("/")):
+            continue
+        if entry.kind == "dir":
+            dirs.append(entry.name)
+        elif entry.kind == "link":
+            links[entry.name] = entry.target
+        else:
             files.append(entry.name)
             if _is_image(entry.name):
                 sources[entry.name] = entry.data
                 decoder.add(entry.name, _member_label(path, entry.name), entry.data)
-        # Links to images inside the archive become copies of their target (targets may come later).
-        for name, target in links.items():
-            if _is_image(name) and target in sources:
-                sources[name] = sources[target]
-                files.append(name)
-                decoder.add(name, _member_label(path, name), sources[name])
-        results = decoder.finish()
-    return sources, results, files, dirs
+    # Links to images inside the archive become copies of their target (targets may come later).
+    for name, target in links.items():
+        if _is_image(name) and target in sources:
+            sources[name] = sources[target]
+            files.append(name)
+            decoder.add(name, _member_label(path, name), sources[name])
+    return sources, files, dirs
 
 
 def _assemble(layout: Layout, results: dict[str, DecodedImage], sources: dict[str, str | bytes], path: Path,

@@ -127,8 +127,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     if w == h == size:
         return img
     s = min(w, h)
-    # Resizing a fractional box in one step equals "resize the shorter side, then centre-crop" without
-    # rounding the intermediate size, and skips resampling the pixels that would be cropped away.
+    # Resampling the centred square straight to size x size is "resize the shorter side, then centre-crop"
+    # without rounding the intermediate size or the crop offset to whole pixels, and without resampling
+    # the pixels that would be cropped away.
     box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
     return img.resize((size, size), RESAMPLE, box=box)
 
