@@ -91,8 +91,7 @@ def evaluate(model: str | Path | Any, data: str | None = None, *, split: str = "
     if part is None:
         raise ImgclfError(f"{ds.source} has no {split} split; pass --split or data with a {split}/ folder")
     y = remap_labels(part.y, ds.classes, clf.classes)
-    logits = predict_logits(clf.model, to_tensor(part.x), clf.normalizer, batch_size=batch_size,
-                            autocast_dtype=clf.autocast_dtype, channels_last=clf.channels_last)
+    logits = clf.logits(to_tensor(part.x), batch_size=batch_size)
     result = metrics_from_logits(logits, torch.as_tensor(y), clf.classes)
     result.update(split=split, data=ds.source, checkpoint=str(clf.path))
     return result

@@ -20,9 +20,9 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data.images import Preprocess, preprocess_image
-from .data.tensors import Normalizer
+from .data.tensors import Normalizer, to_tensor
 from .errors import ImgclfError
-from .evaluate import autocast_context
+from .evaluate import predict_logits
 from .models import create_model
 from .utils import natural_key, resolve_device
 
@@ -69,21 +69,21 @@ class Classifier:
         return (f"Classifier({arch}, {len(self.classes)} classes, {self.preprocess.image_size}px "
                 f"x{self.preprocess.channels}, device={self.device})")
 
-    @torch.no_grad()
+    def logits(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Float32 logits on the CPU for preprocessed images: a (N, C, H, W) uint8 tensor (see
+        ``data.tensors.to_tensor``). Every scoring path (evaluate, predict) goes through here, so another
+        backend (e.g. ONNX Runtime) only has to provide this method."""
+        return predict_logits(self.model, x, self.normalizer, batch_size=batch_size,
+                              autocast_dtype=self.autocast_dtype, channels_last=self.channels_last).cpu()
+
     def predict_proba(self, images: list[Any] | Any, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (N, num_classes) for paths, bytes, PIL images or (H, W, C) uint8 arrays.
         An unreadable image raises :class:`ImgclfError` naming it."""
         images = images if isinstance(images, (list, tuple)) else [images]
-        arrays = [self._to_array(img) for img in images]
-        out = []
-        for i in range(0, len(arrays), batch_size):
-            x = torch.from_numpy(np.stack(arrays[i:i + batch_size])).to(self.device).permute(0, 3, 1, 2)
-            xb = self.normalizer(x)
-            if not self.channels_last:
-                xb = xb.contiguous()
-            with autocast_context(self.device, self.autocast_dtype):
-                out.append(torch.softmax(self.model(xb).float(), dim=1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+        if not images:
+            return np.zeros((0, len(self.classes)), np.float32)
+        x = to_tensor(np.stack([self._to_array(img) for img in images]))
+        return torch.softmax(self.logits(x, batch_size=batch_size), dim=1).numpy()
 
     def predict(self, images: list[Any] | Any, top_k: int = 3, errors: str = "raise") -> list[Prediction]:
         """Top-k classes per image. ``errors="report"`` returns a Prediction with ``error`` set for an
