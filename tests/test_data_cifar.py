@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from imgclf.data import BUILTINS, load_dataset
+from imgclf.data import BUILTINS, RemoteFile, load_dataset
 from imgclf.data.cifar import restricted_loads
 from imgclf.errors import ImgclfError
 
@@ -76,7 +76,8 @@ def server(cifar_archive):
 
 
 def point_cifar10_at(monkeypatch, url, checksum):
-    monkeypatch.setitem(BUILTINS, "cifar10", dataclasses.replace(BUILTINS["cifar10"], url=url, checksum=checksum))
+    files = (RemoteFile(url, "cifar-10-python.tar.gz", checksum),)
+    monkeypatch.setitem(BUILTINS, "cifar10", dataclasses.replace(BUILTINS["cifar10"], files=files))
 
 
 def digest(path, algo):

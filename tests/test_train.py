@@ -187,3 +187,16 @@ def test_real_cifar10_seed_cnn_one_epoch(tmp_path):
     acc = sum(a == b for a, b in zip(small, labels)) / len(labels)
     assert abs(acc - r.test_metrics["top1"]) < 0.1, (acc, r.test_metrics["top1"])
     assert sum(a == b for a, b in zip(small, large)) / len(labels) >= 0.8
+
+
+@pytest.mark.realdata
+def test_real_mnist_trains_a_greyscale_model(tmp_path):
+    from conftest import MNIST_PNG
+    if not MNIST_PNG.is_file():
+        pytest.skip(f"{MNIST_PNG} not present")
+    r = imgclf.train(data=str(MNIST_PNG), model="seed-cnn", epochs=1, fraction=0.1,
+                     project=str(tmp_path / "runs"), progress=False)
+    meta = load_checkpoint(r.run_dir).meta
+    assert meta["preprocess"]["channels"] == 1 and meta["preprocess"]["image_size"] == 28
+    assert meta["classes"] == [str(i) for i in range(10)]
+    assert r.test_metrics["n"] == 10_000 and r.test_metrics["top1"] >= 0.8, r.test_metrics

@@ -157,6 +157,23 @@ def models(
         typer.echo(f"{r['name']:<{width}}  {r['params']:>12,}  {r.get('description', '')}")
 
 
+@app.command()
+def datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON for machines.")):
+    """List the built-in datasets, whether they are downloaded, and where they are cached."""
+    from .data import list_datasets
+
+    rows = list_datasets()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        state = "downloaded" if r["downloaded"] else "not downloaded"
+        typer.echo(f"{r['name']:<{width}}  {r['classes']:>3} classes  {r['image_size']}px  {state:<14}  "
+                   f"{r['description']}")
+        typer.echo(f"{'':<{width}}  {r['path']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``imgclf`` console script and ``python -m imgclf``."""
     try:

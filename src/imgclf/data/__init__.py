@@ -9,9 +9,9 @@ time), builtin + download (named datasets), cifar (the official CIFAR-10 batches
 (image folders and archives of them), decode (parallel decoding), cache (decoded arrays on disk),
 split (stratified val/test carving).
 """
-from .builtin import BUILTINS, BuiltinDataset
+from .builtin import BUILTINS, BuiltinDataset, RemoteFile, list_datasets
 from .dataset import Dataset, Split, load_dataset
 from .images import Preprocess, load_image, preprocess_image
 
-__all__ = ["BUILTINS", "BuiltinDataset", "Dataset", "Preprocess", "Split", "load_dataset", "load_image",
-           "preprocess_image"]
+__all__ = ["BUILTINS", "BuiltinDataset", "RemoteFile", "list_datasets", "Dataset", "Preprocess", "Split",
+           "load_dataset", "load_image", "preprocess_image"]

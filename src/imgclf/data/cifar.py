@@ -108,16 +108,68 @@ def _read_blobs(path: Path) -> Mapping[str, bytes]:
 def _parse_batch(blob: bytes, name: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """-> x (N, 32, 32, 3) uint8 NHWC, y (N,) int64. The stored rows are 1024 red, 1024 green, 1024 blue
     values, each plane row-major: CHW."""
-    batch = restricted_loads(blob, name=name)
+    return _check_batch(restricted_loads(blob, name=name), name, n_classes)
+
+
+def _check_batch(batch, name: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         data, labels = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
     except (KeyError, TypeError, ValueError) as e:
-        raise ImgclfError(f"{name}: not a CIFAR-10 batch (no data/labels: {e}); download the archive again") from None
+        raise ImgclfError(f"{name}: not a CIFAR batch (no data/labels: {e}); download the archive again") from None
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[1] == 3 * NATIVE_SIZE * NATIVE_SIZE and labels.shape == (len(data),)):
-        raise ImgclfError(f"{name}: not a CIFAR-10 batch (data {getattr(data, 'shape', '?')}, "
+        raise ImgclfError(f"{name}: not a CIFAR batch (data {getattr(data, 'shape', '?')}, "
                           f"{labels.shape[0] if labels.ndim else '?'} labels); download the archive again")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         raise ImgclfError(f"{name}: labels outside 0..{n_classes - 1}; download the archive again")
     x = data.reshape(-1, 3, NATIVE_SIZE, NATIVE_SIZE).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(x), labels
+
+
+# ---------------------------------------------------------------------------- CIFAR-100
+FOLDER_100 = "cifar-100-python"
+FILES_100 = ("train", "test", "meta")
+
+
+def is_cifar100(path: Path) -> bool:
+    """Does ``path`` (a folder or an archive) hold the CIFAR-100 python files (train, test, meta)?"""
+    if path.is_dir():
+        return any(all((d / f).is_file() for f in FILES_100) for d in (path, path / FOLDER_100))
+    for i, entry in enumerate(iter_archive(path, stream=True)):
+        if entry.name.split("/")[0] == FOLDER_100:
+            return True
+        if i >= 4:
+            return False
+    return False
+
+
+def load_cifar100(path: Path, *, labels: str = "fine", image_size: int | None = None, channels: int | None = None,
+                  skip_bad_images: bool = False, progress: bool = True) -> Decoded:
+    """The official cifar-100-python.tar.gz (or folder) -> Decoded, with the 100 ``fine`` labels or the 20
+    ``coarse`` super-classes. Same restricted unpickling as CIFAR-10."""
+    if labels not in ("fine", "coarse"):
+        raise ValueError("labels must be 'fine' or 'coarse'")
+    if path.is_dir():
+        folder = path if (path / "meta").is_file() else path / FOLDER_100
+        blobs = {f: (folder / f).read_bytes() for f in FILES_100 if (folder / f).is_file()}
+    else:
+        blobs = {e.name.rsplit("/", 1)[-1]: e.data for e in iter_archive(path)
+                 if e.kind == "file" and e.name.split("/")[0] == FOLDER_100 and e.name.rsplit("/", 1)[-1] in FILES_100}
+    missing = [f for f in FILES_100 if f not in blobs]
+    if missing:
+        raise ImgclfError(f"{path}: CIFAR-100 file {FOLDER_100}/{missing[0]} is missing; download "
+                          "cifar-100-python.tar.gz again or pass an image folder")
+    meta = restricted_loads(blobs["meta"], name=f"{path}: meta")
+    try:
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[f"{labels}_label_names".encode()]]
+    except (KeyError, TypeError) as e:
+        raise ImgclfError(f"{path}: meta has no {labels}_label_names ({e}); download the archive again") from None
+    splits = {}
+    for split in ("train", "test"):
+        batch = restricted_loads(blobs[split], name=f"{path}: {split}")
+        fixed = {b"data": batch.get(b"data"), b"labels": batch.get(f"{labels}_labels".encode())}
+        splits[split] = _check_batch(fixed, f"{path}: {split}", len(classes))
+    size, n_channels = image_size or NATIVE_SIZE, channels or 3
+    if (size, n_channels) != (NATIVE_SIZE, 3):
+        splits = {k: (preprocess_arrays(x, size, n_channels, progress=progress), y) for k, (x, y) in splits.items()}
+    return Decoded(classes, n_channels, size, splits)

@@ -20,10 +20,11 @@ import numpy as np
 from ..errors import ImgclfError
 from . import cache
 from .archives import ARCHIVE_SUFFIXES, archive_stem, is_archive
-from .builtin import BUILTINS, builtin_archive
-from .cifar import is_cifar10, load_cifar10
+from .builtin import BUILTINS, builtin_source
+from .cifar import is_cifar10, is_cifar100, load_cifar10, load_cifar100
 from .decoded import Decoded
 from .folder import LAYOUT_HELP, load_folder
+from .idx import is_idx_folder, load_idx_folder
 from .notify import note
 from .split import stratified_split
 
@@ -105,7 +106,7 @@ def _resolve(data, *, download: bool, progress: bool) -> tuple[str, Path, Callab
     text = os.fspath(data)
     if text.lower() in BUILTINS:
         entry = BUILTINS[text.lower()]
-        path = builtin_archive(entry.name, download=download, progress=progress)
+        path = builtin_source(entry.name, download=download, progress=progress)
         return entry.name, path.resolve(), entry.parser, f"builtin:{entry.name}"
     path = Path(text).expanduser()
     if not path.exists():
@@ -123,9 +124,15 @@ def _resolve(data, *, download: bool, progress: bool) -> tuple[str, Path, Callab
 
 
 def _detect_parser(path: Path) -> Callable[..., Decoded]:
-    """The official CIFAR-10 batches, or else an image folder. Only run on a cache miss: the choice
-    follows from the source's content, which the cache key already covers."""
-    return load_cifar10 if is_cifar10(path) else load_folder
+    """An official format (CIFAR-10/100 python batches, an MNIST-style IDX folder), or else an image folder.
+    Only run on a cache miss: the choice follows from the source's content, which the cache key covers."""
+    if is_cifar10(path):
+        return load_cifar10
+    if is_cifar100(path):
+        return load_cifar100
+    if is_idx_folder(path):
+        return load_idx_folder
+    return load_folder
 
 
 def _make_dataset(decoded: Decoded, *, name: str, source: Path, val_split: float, test_split: float,
