@@ -31,6 +31,17 @@ def register_model(name: str):
     return decorate
 
 
+_PRETRAINED: dict[tuple[str, str], Callable[[nn.Module], list[str]]] = {}
+
+
+def register_pretrained(name: str, tag: str):
+    """Decorator: ``loader(model) -> notes`` puts the ``tag`` weights (e.g. "imagenet") into model ``name``."""
+    def decorate(loader):
+        _PRETRAINED[(name, tag)] = loader
+        return loader
+    return decorate
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
     return sorted(_MODELS)
@@ -44,9 +55,16 @@ def _builder(name: str) -> Callable[..., nn.Module]:
     return _MODELS[name]
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
-    """Build the registered model ``name``; ``kwargs`` are the builder's own options (see its docstring)."""
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
+                 pretrained: str | None = None, **kwargs) -> nn.Module:
+    """Build the registered model ``name``; ``kwargs`` are the builder's own options (see its docstring).
+    ``pretrained`` (e.g. "imagenet") loads published weights; it is not part of ``arch_args``, since a
+    checkpoint's own weights replace them anyway. What the loader did is in ``model.pretrained_notes``."""
     builder = _builder(name)
+    if pretrained is not None and (name, pretrained) not in _PRETRAINED:
+        tags = sorted(t for n, t in _PRETRAINED if n == name)
+        raise ImgclfError(f"no {pretrained!r} weights for {name}; "
+                          + (f"available: {', '.join(tags)}" if tags else "it has no pretrained weights"))
     signature = inspect.signature(builder)
     unknown = sorted(set(kwargs) - set(signature.parameters) - {"num_classes", "in_channels", "image_size"})
     if unknown:
@@ -65,6 +83,8 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
         raise ImgclfError(f"model {name!r}: options must be JSON values (they go into checkpoints): {e}") from None
     model = builder(**bound.arguments)
     model.arch_args = arch_args
+    if pretrained is not None:
+        model.pretrained_notes = _PRETRAINED[(name, pretrained)](model)
     return model
 
 
