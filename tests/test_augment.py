@@ -127,3 +127,19 @@ def test_channels_last_input():
     x = _batch().to(memory_format=torch.channels_last)
     expected = build_augment("strong", 32)(x.contiguous(), _gen(3))
     assert torch.equal(build_augment("strong", 32)(x, _gen(3)), expected)
+
+
+def test_random_resized_crop_full_box_is_identity_and_crops_zoom():
+    from imgclf.augment import random_resized_crop
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    same = random_resized_crop(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.allclose(same, x, atol=1e-5)
+    # a quarter-area box is a 2x zoom: a vertical ramp image keeps its order but spans half the range
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 32, 1).expand(4, 1, 32, 32).contiguous()
+    out = random_resized_crop(ramp, torch.Generator().manual_seed(1), scale=(0.25, 0.25), ratio=(1.0, 1.0))
+    spans = out[:, 0, -1, 0] - out[:, 0, 0, 0]
+    assert torch.all(spans > 0.4) and torch.all(spans < 0.6)
+    a = random_resized_crop(x, torch.Generator().manual_seed(3))
+    b = random_resized_crop(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape

@@ -6,11 +6,28 @@ from imgclf.config import TrainConfig, read_config_file
 from imgclf.errors import ImgclfError
 
 
-def test_defaults_are_the_seed_recipe():
-    cfg = TrainConfig()
+def test_defaults_are_the_seed_recipe_for_small_images():
+    from imgclf.recipes import resolve
+    cfg, why = resolve(TrainConfig(), native_side=32)
     assert (cfg.data, cfg.model, cfg.optimizer, cfg.batch_size, cfg.epochs) == ("cifar10", "seed-cnn", "adam", 64, 10)
-    assert cfg.resolved_lr() == 1e-3
-    assert TrainConfig(optimizer="sgd").resolved_lr() == 0.05
+    assert cfg.recipe == "seed" and cfg.resolved_lr() == 1e-3 and "seed" in why[0]
+    sgd, _ = resolve(TrainConfig(optimizer="sgd"), native_side=32)
+    assert sgd.lr == 0.05  # the recipe's Adam lr is not given to another optimizer
+    assert resolve(TrainConfig(epochs=3), native_side=32)[0].epochs == 3  # the user's value wins
+
+
+def test_photo_recipe_for_large_images():
+    from imgclf.recipes import resolve
+    cfg, why = resolve(TrainConfig(data="photos"), native_side=375)
+    assert (cfg.recipe, cfg.model, cfg.pretrained, cfg.image_size) == ("photo", "efficientnet-lite0", "imagenet", 160)
+    assert cfg.freeze_epochs == 1 and cfg.augment == "photo"
+    assert any("160px" in w for w in why)
+    small, _ = resolve(TrainConfig(data="photos"), native_side=100)
+    assert small.image_size == 96
+    mine, _ = resolve(TrainConfig(data="photos", model="seed-cnn"), native_side=375)
+    assert mine.model == "seed-cnn" and mine.pretrained is None
+    with pytest.raises(ImgclfError, match="freeze-epochs"):
+        resolve(TrainConfig(recipe="photo", epochs=1), native_side=375)
 
 
 def test_file_then_overrides(tmp_path):

@@ -43,9 +43,13 @@ def test_class_only_layout_is_split_by_fractions(image_tree):
     assert ds.val_origin == "val-split"
 
 
-def test_class_only_without_fractions_has_no_test(image_tree):
-    ds = load(image_tree({"a": 2, "b": 2}))
-    assert ds.test is None and len(ds.train.y) == 4
+def test_class_only_without_fractions_holds_out_val_and_test(image_tree, capsys):
+    assert load(image_tree({"a": 9, "b": 12}, name="few")).test is None  # too few in "a" to hold any out
+    capsys.readouterr()
+    ds = load(image_tree({"a": 10, "b": 10}))
+    assert len(ds.test.y) == 2 and len(ds.val.y) == 2 and len(ds.train.y) == 16
+    assert sorted(ds.test.y.tolist()) == [0, 1] and ds.val_origin == "val-split"
+    assert "holding out 10% for validation and 10% for test" in capsys.readouterr().err
 
 
 def test_split_is_seeded(image_tree):

@@ -20,8 +20,9 @@ def _train(data, tmp_path, **kw):
 
 def test_run_folder_contents(tiny_run, capsys):
     run = tiny_run.run_dir
-    names = sorted(p.name for p in run.iterdir())
-    assert names == ["best.safetensors", "config.toml", "last.safetensors", "metrics.csv", "run.json"]
+    names = sorted(p.name for p in run.iterdir() if p.suffix != ".png")  # the plots: tests/test_report.py
+    assert names == ["best.safetensors", "classification_report.json", "classification_report.txt", "config.toml",
+                     "evaluation.json", "last.safetensors", "metrics.csv", "report.html", "run.json"]
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
@@ -200,3 +201,78 @@ def test_real_mnist_trains_a_greyscale_model(tmp_path):
     assert meta["preprocess"]["channels"] == 1 and meta["preprocess"]["image_size"] == 28
     assert meta["classes"] == [str(i) for i in range(10)]
     assert r.test_metrics["n"] == 10_000 and r.test_metrics["top1"] >= 0.8, r.test_metrics
+
+
+def _photo_folder(root, classes=("red", "green", "blue"), n_train=8, n_test=4, size=80):
+    from conftest import make_image_folder
+    return make_image_folder(root, n_train=n_train, n_test=n_test, size=size, classes=classes)
+
+
+def test_photo_recipe_fine_tunes_pretrained_backbone(tmp_path, capsys):
+    """A folder of 80px images gets the photo recipe by itself: ImageNet EfficientNet-Lite0, head-only
+    first epoch on cached features, its normalisation stored; it learns the colours."""
+    data = _photo_folder(tmp_path / "photos")
+    from imgclf.models import efficientnet as E
+
+    class Frozen(Callback):
+        def on_epoch_end(self, trainer, row):
+            if row["epoch"] == 1:  # the head-only epoch left the backbone exactly as loaded
+                self.stem = trainer.model.stem.conv.weight.detach().clone()
+    cb = Frozen()
+    r = _train(data, tmp_path, model=None, epochs=2, batch_size=8, callbacks=[cb])  # no model: the recipe picks
+    out = capsys.readouterr().out
+    assert "recipe photo" in out and "ImageNet-pretrained" in out and "cache  backbone features" in out
+    meta = load_checkpoint(r.run_dir).meta
+    assert meta["arch"]["name"] == "efficientnet-lite0" and meta["preprocess"]["image_size"] == 80
+    assert tuple(meta["preprocess"]["mean"]) == E.IMAGENET_MEAN
+    raw = torch.load(E.imagenet_weights_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(cb.stem, raw["_conv_stem.weight"])
+    assert "recipe = \"photo\"" in (r.run_dir / "config.toml").read_text()
+    assert r.test_metrics["top1"] >= 0.75
+
+
+def test_init_from_other_classes_keeps_backbone_new_head(tiny_run, tmp_path, capsys):
+    data = _photo_folder(tmp_path / "two", classes=("red", "blue"), size=32)
+    r = _train(data, tmp_path, model=None, init_from=str(tiny_run.run_dir), epochs=1)
+    out = capsys.readouterr().out
+    assert "backbone kept, new 2-class head" in out and "initialised from" in out
+    meta = load_checkpoint(r.run_dir).meta
+    assert meta["arch"]["name"] == "seed-cnn" and meta["classes"] == ["blue", "red"]
+    assert meta["preprocess"]["mean"] == load_checkpoint(tiny_run.run_dir).meta["preprocess"]["mean"]
+    with pytest.raises(ImgclfError, match="holds a seed-cnn, not a resnet18"):
+        _train(data, tmp_path, init_from=str(tiny_run.run_dir), model="resnet18")
+
+
+def test_imbalance_is_noted_and_weighted(tmp_path, capsys):
+    from conftest import make_image_folder
+    data = make_image_folder(tmp_path / "imb", n_train=4, n_test=2)
+    for i in range(4, 20):  # make "red" five times as common
+        (data / "train" / "red" / f"{i}.png").write_bytes((data / "train" / "red" / "0.png").read_bytes())
+    seen = {}
+
+    class Grab(Callback):
+        def on_epoch_end(self, trainer, row):
+            seen["w"], seen["s"] = trainer.loss_weight, trainer.sample_weight
+    r = _train(data, tmp_path, epochs=1, class_weights="auto", balanced_sampling=True, callbacks=[Grab()])
+    out = capsys.readouterr().out
+    assert "class imbalance: 'red' has 20 training images" in out
+    classes = load_checkpoint(r.run_dir).meta["classes"]
+    w = dict(zip(classes, seen["w"].tolist()))
+    assert w["red"] == pytest.approx(28 / (3 * 20)) and w["blue"] == pytest.approx(28 / (3 * 4))
+    assert seen["s"].shape == (28,)
+
+
+def test_resume_inside_head_only_phase_equals_uninterrupted(tiny_folder, tmp_path):
+    kw = {"model": "efficientnet-lite0", "pretrained": "imagenet", "freeze_epochs": 1, "augment": "photo",
+          "schedule": "onecycle", "optimizer": "adamw", "val_split": 0.25, "epochs": 2}
+    full = _train(tiny_folder, tmp_path, name="full", **kw)
+
+    class StopAt(Callback):
+        def on_step_end(self, trainer, epoch, step, loss):
+            if (epoch, step) == (0, 1):
+                trainer.request_stop()
+    mid = _train(tiny_folder, tmp_path, name="mid", callbacks=[StopAt()], **kw)
+    assert mid.status == "interrupted"
+    imgclf.train(resume=mid.run_dir, progress=False)
+    a, b = _weights(full.run_dir), _weights(mid.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -7,19 +7,24 @@
     clf.predict(["my_cat.jpg"], top_k=3)
 
 The ``imgclf`` command is the same functions: ``imgclf train``, ``imgclf evaluate``, ``imgclf predict``,
-``imgclf models``.
+``imgclf models``, ``imgclf report``, ``imgclf inspect``, ``imgclf compare``, ``imgclf runs``.
 """
 __version__ = "0.1.0"
 
+from .compare import compare, runs  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .data import Dataset, Preprocess, load_dataset  # noqa: E402
 from .errors import ImgclfError  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
+from .evaluate import Evaluation, calibrate, evaluate  # noqa: E402
+from .export import OnnxClassifier, export  # noqa: E402
+from .inspect import inspect  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 from .predict import Classifier, Prediction, load  # noqa: E402
+from .report import report  # noqa: E402
 from .train import Callback, TrainResult, train  # noqa: E402
 
 __all__ = [
     "__version__", "train", "evaluate", "load", "create_model", "list_models", "load_dataset",
     "TrainConfig", "TrainResult", "Callback", "Classifier", "Prediction", "Dataset", "Preprocess", "ImgclfError",
+    "report", "inspect", "compare", "runs", "calibrate", "Evaluation", "export", "OnnxClassifier",
 ]

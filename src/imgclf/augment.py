@@ -91,6 +91,30 @@ def random_rotate_zoom(x: torch.Tensor, generator: torch.Generator, degrees: flo
     return out.to(x.dtype)
 
 
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.35, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Inception-style crop: each image shows a random box covering ``scale`` of its area with aspect
+    ratio in ``ratio`` (log-uniform), resized back to the full size (bilinear). The box always fits: its
+    sides are clipped to the image, then its centre is drawn where it stays inside. One affine_grid +
+    grid_sample for the whole batch; the stored images were already resized (shorter side) and
+    centre-cropped once, so this is the photo-style augmentation on top of that."""
+    n = x.shape[0]
+    draws = torch.rand(n, 4, generator=generator, device=x.device, dtype=torch.float32)
+    area = scale[0] + draws[:, 0] * (scale[1] - scale[0])
+    log_r = math.log(ratio[0]) + draws[:, 1] * (math.log(ratio[1]) - math.log(ratio[0]))
+    aspect = torch.exp(log_r)
+    # box sides as fractions of the image side: w*h = area, w/h = aspect
+    bw = torch.sqrt(area * aspect).clamp(max=1.0)
+    bh = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (draws[:, 2] * 2 - 1) * (1 - bw)  # centre in [-1, 1] coordinates, box kept inside
+    cy = (draws[:, 3] * 2 - 1) * (1 - bh)
+    zero = torch.zeros_like(bw)
+    theta = torch.stack([torch.stack([bw, zero, cx], 1), torch.stack([zero, bh, cy], 1)], 1)
+    work = x if x.dtype == torch.float64 else x.float()
+    grid = F.affine_grid(theta.to(work.dtype), list(work.shape), align_corners=False)
+    return F.grid_sample(work, grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
+
+
 def _compose(*ops: Augment) -> Augment:
     def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         for op in ops:
@@ -122,6 +146,8 @@ def _presets(image_size: int) -> dict[str, Augment]:
         "strong": _compose(translate, random_hflip, lambda x, g: cutout(x, hole, g)),
         # Seed 004: Keras RandomFlip("horizontal"), RandomRotation(0.1), RandomZoom(0.1), then a small shift.
         "seed004": _compose(random_hflip, seed004_rotate_zoom, seed004_translate),
+        # Photos (transfer learning): random-resized crop + flip, as ImageNet-style training does.
+        "photo": _compose(random_resized_crop, random_hflip),
     }
 
 

@@ -3,6 +3,8 @@
     imgclf train --data ../shared/datasets/cifar10-jpeg.tar.gz --epochs 10
     imgclf evaluate runs/cifar10-seed-cnn
     imgclf predict runs/cifar10-seed-cnn cat.jpg photos/ "more/*.png" --top-k 3
+    imgclf export runs/cifar10-seed-cnn --format onnx --int8
+    imgclf serve runs/cifar10-seed-cnn/best.int8.onnx
     imgclf models
 
 Each verb calls the public function of the same name with the same arguments. Bad input ends with
@@ -35,7 +37,17 @@ class Format(str, Enum):
 def train(
     data: Optional[str] = typer.Option(None, help="Built-in name (cifar10), official archive/folder, or an image "
                                        "folder / .tar(.gz) / .zip of one (train/<class>/*, test/<class>/*)."),
+    recipe: Optional[str] = typer.Option(None, help="auto (photo for large images, else seed), seed or photo: "
+                                         "the defaults for every setting not given."),
     model: Optional[str] = typer.Option(None, help="Model name; see `imgclf models`."),
+    pretrained: Optional[str] = typer.Option(None, help="imagenet (efficientnet-lite0), or none."),
+    init_from: Optional[str] = typer.Option(None, help="Start from this run/checkpoint (new head if the "
+                                            "classes differ)."),
+    freeze_epochs: Optional[int] = typer.Option(None, help="Train only the head for this many epochs first."),
+    backbone_lr_mult: Optional[float] = typer.Option(None, help="Backbone lr = lr x this when fine-tuning."),
+    class_weights: Optional[str] = typer.Option(None, help="auto: weight the loss by inverse class frequency."),
+    balanced_sampling: Optional[bool] = typer.Option(None, "--balanced-sampling",
+                                                     help="Draw every class equally often."),
     epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
     optimizer: Optional[str] = typer.Option(None, help="adam, adamw or sgd (Nesterov)."),
@@ -76,31 +88,35 @@ def train(
 
 @app.command()
 def evaluate(
-    model: str = typer.Argument(..., help="Run folder or .safetensors checkpoint."),
+    model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint or .onnx file."),
     data: Optional[str] = typer.Option(None, help="Other data to score on (default: the run's own test split)."),
     split: str = typer.Option("test", help="test, val or train."),
     batch_size: int = typer.Option(512, help="Evaluation batch size."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    tta: Optional[str] = typer.Option(None, help="Test-time augmentation: flip or flip+translate (reports top-1 "
+                                      "with and without)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Fit a temperature on the run's validation split, "
+                                   "store it in the checkpoint (predict uses it), report ECE before/after."),
+    calibration_data: Optional[str] = typer.Option(None, help="Held-out labelled images to fit the temperature on "
+                                                   "(for runs without a validation split)."),
+    save: Optional[bool] = typer.Option(None, "--save/--no-save", help="Write evaluation.json and "
+                                        "classification_report.json/.txt beside the checkpoint (default: when "
+                                        "scoring the run's own test split)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Test loss, top-1, top-5 and per-class accuracy."""
+    """Loss, top-1/top-5, classification report, confusion matrix, most-confused pairs, calibration (ECE)."""
     from .evaluate import evaluate as evaluate_fn
+    from .evaluate import format_evaluation
 
-    m = evaluate_fn(model, data, split=split, batch_size=batch_size, device=device, progress=progress)
-    if as_json:
-        typer.echo(json.dumps(m, indent=2))
-        return
-    typer.echo(f"{m['split']} on {m['data']}  ({m['n']:,} images, {m['checkpoint']})")
-    typer.echo(f"loss {m['loss']:.4f}   top-1 {m['top1']:.2%}   top-5 {m['top5']:.2%}")
-    width = max(len(c) for c in m["per_class_accuracy"])
-    for cls, acc in m["per_class_accuracy"].items():
-        typer.echo(f"  {cls:<{width}}  {'-' if acc is None else f'{acc:.2%}'}")
+    m = evaluate_fn(model, data, split=split, batch_size=batch_size, device=device, tta=tta, calibrate=calibrate,
+                    calibration_data=calibration_data, save=save, progress=progress)
+    typer.echo(json.dumps(m, indent=2) if as_json else format_evaluation(m))
 
 
 @app.command()
 def predict(
-    model: str = typer.Argument(..., help="Run folder or .safetensors checkpoint."),
+    model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint or .onnx file."),
     paths: List[str] = typer.Argument(..., help="Image files, folders or globs."),
     top_k: int = typer.Option(3, help="How many classes to show per image."),
     fmt: Format = typer.Option(Format.table, "--format", help="table, json or csv."),
@@ -172,6 +188,132 @@ def datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON for 
         typer.echo(f"{r['name']:<{width}}  {r['classes']:>3} classes  {r['image_size']}px  {state:<14}  "
                    f"{r['description']}")
         typer.echo(f"{'':<{width}}  {r['path']}")
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="Run folder or .safetensors checkpoint."),
+    fmt: str = typer.Option("onnx", "--format", help="Export format: onnx."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a statically quantized int8 model (QDQ, "
+                              "per-channel) and compare accuracy, size and speed."),
+    out: Optional[Path] = typer.Option(None, help="File to write (default <checkpoint>.onnx / .int8.onnx)."),
+    data: Optional[str] = typer.Option(None, help="Images for the parity check (default: the run's test split)."),
+    calib_data: Optional[str] = typer.Option(None, help="Images to calibrate int8 on (default: the run's "
+                                             "training split)."),
+    calib_images: int = typer.Option(300, help="How many images to calibrate int8 on."),
+    check_images: int = typer.Option(2000, help="Test images for the parity check (0 = all)."),
+    min_agreement: float = typer.Option(0.995, help="Least top-1 agreement of fp32 ONNX with PyTorch that passes."),
+    max_int8_drop: float = typer.Option(0.005, help="Most top-1 accuracy int8 may lose (0.005 = 0.5 points)."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure images/s at batch 256."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Export to ONNX, then check parity with PyTorch on real test images: exit 1 when fp32 agrees on
+    fewer than 99.5% of top-1 classes, or int8 loses more than 0.5 accuracy points."""
+    from .export import ParityError
+    from .export import export as export_fn
+
+    try:
+        report = export_fn(checkpoint, fmt, int8=int8, out=out, data=data, calib_data=calib_data,
+                           calib_images=calib_images, check_images=check_images, min_agreement=min_agreement,
+                           max_int8_drop=max_int8_drop, speed=speed, progress=progress)
+    except ParityError as e:
+        typer.echo(json.dumps(e.report.to_dict(), indent=2) if as_json else e.report.table())
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint or .onnx file."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="Port."),
+    max_batch: int = typer.Option(64, help="Most images in one forward pass."),
+    max_wait_ms: float = typer.Option(5.0, help="How long to collect requests into one batch."),
+    max_queue: int = typer.Option(512, help="Images waiting at most; past it, 503 with Retry-After."),
+    max_files: int = typer.Option(16, help="Most images in one request (more: 413)."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest request body in MB (more: 413)."),
+    max_pixels: int = typer.Option(50_000_000, help="Largest image in pixels, read from its header before "
+                                   "decoding (more: 413, a decompression bomb)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (checkpoints)."),
+):
+    """Serve the model over HTTP: POST /predict, GET /health, GET /model, a web page at /, API docs at /docs."""
+    from .serve import ServeConfig
+    from .serve import serve as serve_fn
+
+    serve_fn(model, host=host, port=port, device=device,
+             config=ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                max_files=max_files, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                                max_pixels=max_pixels))
+
+
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="Run folder."),
+    tta: Optional[str] = typer.Option(None, help="Also report test-time augmentation: flip or flip+translate "
+                                      "(default: what the last evaluation used)."),
+    batch_size: int = typer.Option(512, help="Evaluation batch size."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Re-score the run's test split and rewrite its plots and report.html; prints the report's path."""
+    from .report import report as report_fn
+
+    typer.echo(report_fn(run, tta=tta, batch_size=batch_size, device=device, progress=progress))
+
+
+@app.command()
+def inspect(
+    data: str = typer.Argument(..., help="Dataset: built-in name, archive, or image folder (as --data takes)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for class_counts.png, samples.png, inspect.json "
+                                       "(default inspect-<name>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Images per class per split, stored sizes and modes, imbalance, train/test duplicates, unreadable files."""
+    from .inspect import format_inspect
+    from .inspect import inspect as inspect_fn
+
+    info = inspect_fn(data, out=out, progress=progress)
+    typer.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+
+
+@app.command()
+def compare(
+    runs: List[str] = typer.Argument(..., help="Run folders."),
+    out: Optional[Path] = typer.Option(None, help="Folder for compare.html and compare.png (default: the "
+                                       "first run's parent)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+):
+    """One table of the runs (model, parameters, time, accuracy, macro F1) and their validation curves."""
+    from .compare import compare as compare_fn
+    from .compare import format_runs, to_json
+
+    result = compare_fn(runs, out=out)
+    if as_json:
+        typer.echo(to_json(result["runs"]))
+        return
+    typer.echo(format_runs(result["runs"]))
+    typer.echo(f"written: {', '.join(result['files'])}")
+
+
+@app.command()
+def runs(
+    folder: Path = typer.Argument(Path("runs"), help="Folder holding run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
+):
+    """List the runs in a folder, newest first, with their headline figures."""
+    from .compare import format_runs, to_json
+    from .compare import runs as runs_fn
+
+    rows = runs_fn(folder)
+    if as_json:
+        typer.echo(to_json(rows))
+    elif not rows:
+        typer.echo(f"no runs in {folder}")
+    else:
+        typer.echo(format_runs(rows))
 
 
 def main(argv: list[str] | None = None) -> None:

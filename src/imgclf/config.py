@@ -39,20 +39,28 @@ class TrainConfig:
     test_split: float = 0.0             # fraction held out for test when the data has no test/ folder
     skip_bad_images: bool = False       # skip (and list) unreadable images instead of stopping
     fraction: float = 1.0               # train on this fraction of the training images (stratified, seeded)
-    augment: str = "none"               # augmentation preset: none, flip, standard, strong, seed004
+    # Settings left None are filled by the recipe (see recipes.py); a value given here always wins.
+    recipe: str = "auto"                # auto (photo for large images, else seed), seed, photo
+    augment: str | None = None          # augmentation preset: none, flip, standard, strong, seed004, photo
     # --- model
-    model: str = "seed-cnn"             # registry name (`imgclf models` lists them)
+    model: str | None = None            # registry name (`imgclf models` lists them)
+    pretrained: str | None = None       # "imagenet" weights for models that have them; "none" = from scratch
+    init_from: str | None = None        # start from this imgclf checkpoint/run (new head if classes differ)
+    freeze_epochs: int | None = None    # train only the head for this many epochs first (fastai's fine_tune)
+    backbone_lr_mult: float = 0.1       # backbone lr = lr x this when fine-tuning a pretrained/initialised model
     # --- optimisation
-    epochs: int = 10
-    batch_size: int = 64                # the seeds' Keras batch size
-    optimizer: str = "adam"             # adam (the seeds'), adamw, sgd (Nesterov momentum)
-    lr: float | None = None             # None = the optimizer's default (adam 1e-3, sgd 0.05)
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None        # adam (the seeds'), adamw, sgd (Nesterov momentum)
+    lr: float | None = None             # None = the recipe's, or the optimizer's default (adam 1e-3, sgd 0.05)
     momentum: float = 0.9               # SGD momentum
-    weight_decay: float = 0.0
-    schedule: str = "constant"          # constant, onecycle, cosine, plateau (seed 004's ReduceLROnPlateau)
+    weight_decay: float | None = None
+    schedule: str | None = None         # constant, onecycle, cosine, plateau (seed 004's ReduceLROnPlateau)
     plateau_patience: int = 2           # epochs without improvement before plateau lowers the lr
     plateau_factor: float = 0.2         # lr multiplier on a plateau (Keras ReduceLROnPlateau-style)
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
+    class_weights: str = "none"         # "auto": weight the loss by inverse class frequency (imbalanced data)
+    balanced_sampling: bool = False     # draw batches so every class is seen equally often (with replacement)
     # --- validation / early stopping
     monitor: str = "val_loss"           # what decides the best epoch and early stopping
     patience: int = 0                   # early stopping after this many epochs without improvement; 0 = off
@@ -72,8 +80,9 @@ class TrainConfig:
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("monitor", self.monitor, MONITORS)
+        _one_of("class_weights", self.class_weights, ("none", "auto"))
         for key in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ImgclfError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("val_split", "test_split"):
             if not 0.0 <= getattr(self, key) < 1.0:
@@ -84,12 +93,14 @@ class TrainConfig:
             raise ImgclfError("val_split + test_split must leave some training data (sum < 1)")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ImgclfError(f"lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.label_smoothing < 1.0:
+        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
             raise ImgclfError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.image_size is not None and self.image_size < 8:
             raise ImgclfError(f"image_size must be at least 8 pixels, got {self.image_size}")
-        if self.patience < 0 or self.weight_decay < 0:
-            raise ImgclfError("patience and weight_decay must not be negative")
+        if self.patience < 0 or (self.weight_decay or 0) < 0 or (self.freeze_epochs or 0) < 0:
+            raise ImgclfError("patience, weight_decay and freeze_epochs must not be negative")
+        if not 0.0 < self.backbone_lr_mult <= 1.0:
+            raise ImgclfError(f"backbone_lr_mult must be in (0, 1], got {self.backbone_lr_mult}")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ImgclfError(f"--name must be a plain folder name, got {self.name!r}")
 
@@ -108,7 +119,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer or "adam"]
 
     def to_toml(self) -> str:
         """A flat TOML document that ``--config`` reads back (None values are left out)."""
@@ -164,8 +175,8 @@ def _check_types(cfg: TrainConfig) -> None:
             raise ImgclfError(f"setting {f.name!r} must be {names}, got {value!r}")
 
 
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+def _one_of(key: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
         raise ImgclfError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 

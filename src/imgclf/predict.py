@@ -48,7 +48,77 @@ class Prediction:
         return d
 
 
-class Classifier:
+class BaseClassifier:
+    """Classes + preprocessing + a ``logits`` backend -> predictions for any image. Subclasses (PyTorch:
+    :class:`Classifier`; ONNX Runtime: :class:`imgclf.export.OnnxClassifier`) set ``classes``,
+    ``preprocess``, ``meta`` and ``path`` and implement :meth:`logits`; everything else is shared, so
+    every backend decodes, ranks and reports images the same way."""
+
+    classes: list[str]
+    preprocess: Preprocess
+    meta: dict[str, Any]
+    path: Path | None
+
+    @property
+    def temperature(self) -> float:
+        """Divides the logits before the softmax of :meth:`predict_proba`: fitted by ``imgclf evaluate
+        --calibrate`` so probabilities match observed accuracy; 1.0 (no change) until then."""
+        return float(self.meta.get("temperature") or 1.0)
+
+    def logits(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Float32 CPU logits (N, num_classes) for a (N, C, H, W) uint8 tensor of preprocessed images."""
+        raise NotImplementedError
+
+    def predict_proba(self, images: list[Any] | Any, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities (N, num_classes) for paths, bytes, PIL images or (H, W, C) uint8 arrays.
+        An unreadable image raises :class:`ImgclfError` naming it."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            return np.zeros((0, len(self.classes)), np.float32)
+        x = to_tensor(np.stack([self._to_array(img) for img in images]))
+        return torch.softmax(self.logits(x, batch_size=batch_size) / self.temperature, dim=1).numpy()
+
+    def predict(self, images: list[Any] | Any, top_k: int = 3, errors: str = "raise") -> list[Prediction]:
+        """Top-k classes per image. ``errors="report"`` returns a Prediction with ``error`` set for an
+        unreadable image and still predicts the rest; ``"raise"`` (default) stops at the first."""
+        if errors not in ("raise", "report"):
+            raise ValueError("errors must be 'raise' or 'report'")
+        if top_k < 1:
+            raise ImgclfError(f"top_k must be at least 1, got {top_k}")
+        images = images if isinstance(images, (list, tuple)) else [images]
+        k = min(top_k, len(self.classes))  # asking for more than there are returns them all
+        results: list[Prediction] = []
+        good: list[tuple[int, np.ndarray]] = []
+        for img in images:
+            pred = Prediction(source=_describe(img))
+            try:
+                good.append((len(results), self._to_array(img)))
+            except ImgclfError as e:
+                if errors == "raise":
+                    raise
+                pred.error = str(e)
+            results.append(pred)
+        if good:
+            probs = self.predict_proba([a for _, a in good])
+            for (i, _), top in zip(good, self.rank(probs, k)):
+                results[i].top = top
+        return results
+
+    def rank(self, probs: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+        """(N, num_classes) probabilities -> per image the top-k (class name, probability), best first."""
+        k = min(top_k, len(self.classes))
+        return [[(self.classes[j], float(p[j])) for j in np.argsort(-p, kind="stable")[:k]] for p in probs]
+
+    def _to_array(self, img: Any) -> np.ndarray:
+        if isinstance(img, np.ndarray):  # already decoded: must already match the model's input
+            want = (self.preprocess.image_size, self.preprocess.image_size, self.preprocess.channels)
+            if img.dtype != np.uint8 or img.shape != want:
+                raise ImgclfError(f"array input must be uint8 of shape {want}, got {img.dtype} {img.shape}")
+            return img
+        return preprocess_image(img, self.preprocess)
+
+
+class Classifier(BaseClassifier):
     """A trained model with its classes and preprocessing, ready to predict."""
 
     def __init__(self, model: torch.nn.Module, classes: list[str], preprocess: Preprocess,
@@ -76,53 +146,17 @@ class Classifier:
         return predict_logits(self.model, x, self.normalizer, batch_size=batch_size,
                               autocast_dtype=self.autocast_dtype, channels_last=self.channels_last).cpu()
 
-    def predict_proba(self, images: list[Any] | Any, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities (N, num_classes) for paths, bytes, PIL images or (H, W, C) uint8 arrays.
-        An unreadable image raises :class:`ImgclfError` naming it."""
-        images = images if isinstance(images, (list, tuple)) else [images]
-        if not images:
-            return np.zeros((0, len(self.classes)), np.float32)
-        x = to_tensor(np.stack([self._to_array(img) for img in images]))
-        return torch.softmax(self.logits(x, batch_size=batch_size), dim=1).numpy()
 
-    def predict(self, images: list[Any] | Any, top_k: int = 3, errors: str = "raise") -> list[Prediction]:
-        """Top-k classes per image. ``errors="report"`` returns a Prediction with ``error`` set for an
-        unreadable image and still predicts the rest; ``"raise"`` (default) stops at the first."""
-        if errors not in ("raise", "report"):
-            raise ValueError("errors must be 'raise' or 'report'")
-        if top_k < 1:
-            raise ImgclfError(f"top_k must be at least 1, got {top_k}")
-        images = images if isinstance(images, (list, tuple)) else [images]
-        k = min(top_k, len(self.classes))  # asking for more than there are returns them all
-        results: list[Prediction] = []
-        good: list[tuple[int, np.ndarray]] = []
-        for img in images:
-            pred = Prediction(source=_describe(img))
-            try:
-                good.append((len(results), self._to_array(img)))
-            except ImgclfError as e:
-                if errors == "raise":
-                    raise
-                pred.error = str(e)
-            results.append(pred)
-        if good:
-            probs = self.predict_proba([a for _, a in good])
-            for (i, _), p in zip(good, probs):
-                order = np.argsort(-p, kind="stable")[:k]
-                results[i].top = [(self.classes[j], float(p[j])) for j in order]
-        return results
+def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> BaseClassifier:
+    """Load a run folder or checkpoint as a :class:`Classifier` (no pickle involved), or an ``.onnx``
+    file written by ``imgclf export`` as an :class:`~imgclf.export.OnnxClassifier` (ONNX Runtime).
+    An already loaded classifier is returned as it is."""
+    if isinstance(path, BaseClassifier):
+        return path
+    if str(path).lower().endswith(".onnx"):
+        from .export import load_onnx
 
-    def _to_array(self, img: Any) -> np.ndarray:
-        if isinstance(img, np.ndarray):  # already decoded: must already match the model's input
-            want = (self.preprocess.image_size, self.preprocess.image_size, self.preprocess.channels)
-            if img.dtype != np.uint8 or img.shape != want:
-                raise ImgclfError(f"array input must be uint8 of shape {want}, got {img.dtype} {img.shape}")
-            return img
-        return preprocess_image(img, self.preprocess)
-
-
-def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> Classifier:
-    """Load a run folder or checkpoint as a :class:`Classifier` (no pickle involved)."""
+        return load_onnx(path, device=device)
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
     try:

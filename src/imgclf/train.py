@@ -11,6 +11,7 @@ saved in ``last``, so a resumed run ends with the same weights as an uninterrupt
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -36,8 +37,9 @@ from .data import BUILTINS, Dataset, Preprocess, Split, load_dataset
 from .data.split import stratified_split
 from .data.tensors import Normalizer, channel_stats, to_tensor
 from .errors import ImgclfError
-from .evaluate import autocast_context, metrics_from_logits, predict_logits
+from .evaluate import autocast_context, evaluation_from_logits, metrics_from_logits, predict_logits
 from .models import create_model, model_info
+from .recipes import resolve
 from .utils import atomic_write_text, resolve_device
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -112,40 +114,49 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def run(self) -> TrainResult:
-        cfg = self.cfg
-        self.device = resolve_device(cfg.device)
-        self.autocast_dtype = _autocast_dtype(cfg.precision, self.device)
         resume_ckpt = load_checkpoint(self.resume_dir / "last.safetensors") if self.resume_dir else None
         if resume_ckpt is not None and resume_ckpt.train_state is None:
             raise ImgclfError(f"{resume_ckpt.path} holds no training state; cannot resume from it")
+        # --init-from matters only at the start: a resumed run takes everything from `last`
+        init = load_checkpoint(self.cfg.init_from) if self.cfg.init_from and resume_ckpt is None else None
+        if init is not None:
+            self._check_init_from(init)
+        # every setting the user left to the recipe is filled here, once; the resolved config is what
+        # config.toml records, so a resume (or --config) repeats exactly this run
+        self.cfg, why = resolve(self.cfg)
+        self.notes += why
+        cfg = self.cfg
+        self.device = resolve_device(cfg.device)
+        self.autocast_dtype = _autocast_dtype(cfg.precision, self.device)
 
         # Fail fast on a misspelt model or preset, before minutes of decoding.
         model_info(cfg.model)
         build_augment(cfg.augment, cfg.image_size or 32)
-        ds = load_dataset(cfg.data, image_size=cfg.image_size, val_split=cfg.val_split, test_split=cfg.test_split,
-                          seed=cfg.seed, skip_bad_images=cfg.skip_bad_images, progress=self.progress)
+        image_size, channels = cfg.image_size, None
+        fixed = resume_ckpt or init
+        if fixed is not None:  # the checkpoint fixes what its first layers expect
+            image_size = image_size or fixed.meta["preprocess"]["image_size"]
+            channels = fixed.meta["preprocess"]["channels"]
+        ds = load_dataset(cfg.data, image_size=image_size, channels=channels, val_split=cfg.val_split,
+                          test_split=cfg.test_split, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
+                          progress=self.progress)
         if cfg.fraction < 1.0:
             _, keep = stratified_split(ds.train.y, cfg.fraction, np.random.default_rng(cfg.seed))
             ds.train = Split(ds.train.x[keep], ds.train.y[keep])
             self.notes.append(f"training on {cfg.fraction:.0%} of the training images ({len(keep):,}), "
                               "stratified by class")
         self.ds = ds
+        self._note_imbalance(ds.train.y, ds.classes)
         if ds.skipped:
             self.notes.append(f"skipped {len(ds.skipped)} unreadable image(s); listed in run.json")
         val, val_name = self._choose_validation(ds)
 
-        if resume_ckpt is not None:  # never re-derive what the checkpoint fixed
-            self.preprocess = Preprocess.from_dict(resume_ckpt.meta["preprocess"])
-            if list(resume_ckpt.meta["classes"]) != ds.classes:
-                raise ImgclfError(f"cannot resume: the data's classes changed since the run started "
-                                  f"({ds.source})")
-        else:
-            mean, std = channel_stats(ds.train.x)
-            self.preprocess = Preprocess(image_size=ds.image_size, channels=ds.channels, mean=mean, std=std)
+        if resume_ckpt is not None and list(resume_ckpt.meta["classes"]) != ds.classes:
+            raise ImgclfError(f"cannot resume: the data's classes changed since the run started ({ds.source})")
 
         torch.manual_seed(cfg.seed)  # model init and dropout draw from the global generator
-        model = create_model(cfg.model, num_classes=len(ds.classes), in_channels=ds.channels,
-                             image_size=ds.image_size)
+        model = self._build_model(ds, init, resume_ckpt)
+        self.preprocess = self._choose_preprocess(ds, model, init, resume_ckpt)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.normalizer = Normalizer(self.preprocess.mean, self.preprocess.std, self.device)
@@ -154,7 +165,14 @@ class Trainer:
         self.y_train = torch.from_numpy(ds.train.y).to(self.device)
         self.val = None if val is None else (to_tensor(val.x, self.device), torch.from_numpy(val.y))
         self.steps_per_epoch = _steps_per_epoch(len(self.y_train), cfg.batch_size)
-        self.optimizer = _build_optimizer(cfg, self.model)
+        counts = torch.bincount(self.y_train, minlength=len(ds.classes)).float()
+        # inverse-frequency weights, normalised so a balanced dataset gets all ones
+        inv = torch.where(counts > 0, len(self.y_train) / (len(ds.classes) * counts.clamp(min=1)), 0.0)
+        self.loss_weight = inv.to(self.device) if cfg.class_weights == "auto" else None
+        self.sample_weight = inv[self.y_train].cpu() if cfg.balanced_sampling else None
+        self.fine_tuning = bool(cfg.init_from or (cfg.pretrained and cfg.pretrained != "none"))
+        self.features = None  # cached backbone features for head-only epochs
+        self.optimizer = _build_optimizer(cfg, self.model, cfg.backbone_lr_mult if self.fine_tuning else 1.0)
         self.scheduler = _build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
 
         self.run_dir = self.resume_dir or _new_run_dir(Path(cfg.project), cfg.name or f"{ds.name}-{cfg.model}")
@@ -163,22 +181,78 @@ class Trainer:
         self.log(f"data   {ds.source}: {len(ds.train.y):,} train, {_n(ds.val):,} val, {_n(ds.test):,} test; "
                  f"{len(ds.classes)} classes; {ds.image_size}x{ds.image_size} "
                  f"{'RGB' if ds.channels == 3 else 'greyscale'}")
-        self.log(f"model  {cfg.model}: {params:,} parameters; {cfg.optimizer} lr {cfg.resolved_lr():g}, "
-                 f"batch {cfg.batch_size}, {cfg.epochs} epochs, augment {cfg.augment}; {self.device} {prec}")
+        start = ("ImageNet-pretrained" if cfg.pretrained and cfg.pretrained != "none" else
+                 f"initialised from {cfg.init_from}" if init is not None else "from scratch")
+        freeze = f", first {cfg.freeze_epochs} head-only" if cfg.freeze_epochs else ""
+        self.log(f"model  {cfg.model} ({start}): {params:,} parameters; {cfg.optimizer} lr {cfg.resolved_lr():g}"
+                 f" ({cfg.schedule}), batch {cfg.batch_size}, {cfg.epochs} epochs{freeze}, augment {cfg.augment}; "
+                 f"{self.device} {prec}")
         self.log(f"valid  {val_name}")
         for note in self.notes:
             self.log(f"note   {note}")
         if self.resume_dir is None:
-            atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())
+            atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())  # the resolved config
         self._write_run_json("running")
 
         state = self._initial_state(resume_ckpt)
         status = self._fit(state)
         return self._finish(state, status)
 
+    def _check_init_from(self, init) -> None:
+        arch = init.meta["arch"]["name"]
+        if self.cfg.model is not None and self.cfg.model != arch:
+            raise ImgclfError(f"--init-from {self.cfg.init_from} holds a {arch}, not a {self.cfg.model}; "
+                              "drop --model or pick a checkpoint of that model")
+        self.cfg = dataclasses.replace(self.cfg, model=arch, recipe="seed" if self.cfg.recipe == "auto"
+                                       else self.cfg.recipe)
+
+    def _build_model(self, ds: Dataset, init, resume_ckpt) -> torch.nn.Module:
+        """A new model, or the pretrained/initialised one for fine-tuning (its head replaced when the
+        classes differ). A resumed run rebuilds the checkpoint's own architecture; its weights come from
+        `last`, so nothing is downloaded or loaded twice."""
+        cfg, k = self.cfg, len(ds.classes)
+        if resume_ckpt is not None:
+            return create_model(**resume_ckpt.meta["arch"])
+        if init is not None:
+            model = create_model(**init.meta["arch"])
+            model.load_state_dict(init.state_dict)
+            if list(init.meta["classes"]) != ds.classes:
+                model.reset_classifier(k)
+                self.notes.append(f"initialised from {cfg.init_from}: backbone kept, new {k}-class head "
+                                  f"(its classes {', '.join(init.meta['classes'][:5])}... differ from the data's)")
+            return model
+        pretrained = cfg.pretrained if cfg.pretrained not in (None, "none") else None
+        model = create_model(cfg.model, num_classes=k, in_channels=ds.channels, image_size=ds.image_size,
+                             pretrained=pretrained)
+        self.notes += getattr(model, "pretrained_notes", [])
+        return model
+
+    def _choose_preprocess(self, ds: Dataset, model, init, resume_ckpt) -> Preprocess:
+        """The normalisation the model will always see: a resumed run's own (never re-derived), the one
+        pretrained weights were trained with, an initialising checkpoint's, or this data's statistics."""
+        if resume_ckpt is not None:
+            return Preprocess.from_dict(resume_ckpt.meta["preprocess"])
+        if getattr(model, "input_mean", None) is not None:
+            mean, std = model.input_mean[:ds.channels], model.input_std[:ds.channels]
+        elif init is not None:
+            mean, std = init.meta["preprocess"]["mean"], init.meta["preprocess"]["std"]
+        else:
+            mean, std = channel_stats(ds.train.x)
+        return Preprocess(image_size=ds.image_size, channels=ds.channels, mean=tuple(mean), std=tuple(std))
+
+    def _note_imbalance(self, y: np.ndarray, classes: list[str]) -> None:
+        counts = np.bincount(y, minlength=len(classes))
+        if len(counts) > 1 and counts.min() * 3 < counts.max():
+            few, many = int(counts.argmin()), int(counts.argmax())
+            hint = "" if (self.cfg.class_weights == "auto" or self.cfg.balanced_sampling) else \
+                "; consider --class-weights auto or --balanced-sampling"
+            self.notes.append(f"class imbalance: {classes[many]!r} has {counts[many]:,} training images, "
+                              f"{classes[few]!r} only {counts[few]:,}{hint}")
+
     def _choose_validation(self, ds: Dataset):
         if ds.val is not None:
-            how = "val/ folder" if ds.val_origin == "val-folder" else f"{self.cfg.val_split:.0%} of train, stratified"
+            share = len(ds.val.y) / (len(ds.val.y) + len(ds.train.y))
+            how = "val/ folder" if ds.val_origin == "val-folder" else f"{share:.0%} of train, stratified"
             return ds.val, f"validation set: {len(ds.val.y):,} images ({how})"
         if ds.test is not None:
             self.notes.append("no validation set (no val/ folder, --val-split 0): validating on the TEST set, "
@@ -223,23 +297,37 @@ class Trainer:
                 # 1. the epoch's order: the generator state at the epoch's start is saved, so a resumed
                 #    run mid-epoch redraws the same permutation
                 self.g_shuffle.set_state(state["shuffle_state"])
-                perm = torch.randperm(n, generator=self.g_shuffle).to(self.device)
+                if self.sample_weight is not None:  # every class equally often, drawn with replacement
+                    perm = torch.multinomial(self.sample_weight, n, replacement=True, generator=self.g_shuffle)
+                else:
+                    perm = torch.randperm(n, generator=self.g_shuffle)
+                perm = perm.to(self.device)
+                frozen = epoch < (cfg.freeze_epochs or 0)
+                if frozen and self.features is None:
+                    self.features = self._backbone_features()
+                elif not frozen:
+                    self.features = None  # the whole model trains from here on
                 t0 = time.perf_counter()
                 model.train()
-                bar = tqdm(total=self.steps_per_epoch, initial=state["step"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           unit="step", disable=not self.progress, leave=False, dynamic_ncols=True, file=sys.stderr)
+                desc = f"epoch {epoch + 1}/{cfg.epochs}" + (" head" if frozen else "")
+                bar = tqdm(total=self.steps_per_epoch, initial=state["step"], desc=desc, unit="step",
+                           disable=not self.progress, leave=False, dynamic_ncols=True, file=sys.stderr)
                 loss_sum, correct, seen = state["sums"]
                 seen_at_start = seen
                 for step in range(state["step"], self.steps_per_epoch):
                     idx = perm[step * bs:(step + 1) * bs]
-                    # 2. normalise and augment the whole batch on the device
-                    xb = self.normalizer(self.x_train[idx]).contiguous(memory_format=self.memory_format)
-                    xb = self.augment(xb, self.g_augment)
                     yb = self.y_train[idx]
-                    # 3. one optimisation step
+                    # 2. normalise and augment the whole batch on the device (head-only epochs read the
+                    #    cached features of the un-augmented images instead: the backbone is frozen)
                     with autocast_context(self.device, self.autocast_dtype):
-                        logits = model(xb)
-                        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                        if frozen:
+                            logits = model.forward_head(self.features[idx])
+                        else:
+                            xb = self.normalizer(self.x_train[idx]).contiguous(memory_format=self.memory_format)
+                            logits = model(self.augment(xb, self.g_augment))
+                        # 3. one optimisation step
+                        loss = F.cross_entropy(logits.float(), yb, weight=self.loss_weight,
+                                               label_smoothing=cfg.label_smoothing)
                     if not torch.isfinite(loss):
                         raise ImgclfError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                                           "lower the learning rate (--lr) or check the data")
@@ -278,6 +366,22 @@ class Trainer:
                 if self.stop_requested:
                     return "interrupted"
         return "finished"
+
+    @torch.no_grad()
+    def _backbone_features(self) -> torch.Tensor:
+        """forward_features of every training image, computed once for the head-only epochs, in eval mode
+        (BatchNorm on its running statistics, as the frozen backbone will be used at validation)."""
+        t0, bs, out = time.perf_counter(), self.cfg.eval_batch_size, []
+        was_training = self.model.training
+        self.model.eval()
+        for i in range(0, len(self.x_train), bs):
+            xb = self.normalizer(self.x_train[i:i + bs]).contiguous(memory_format=self.memory_format)
+            with autocast_context(self.device, self.autocast_dtype):
+                out.append(self.model.forward_features(xb).float())
+        self.model.train(was_training)
+        self.log(f"cache  backbone features of {len(self.x_train):,} images for the head-only epochs "
+                 f"({time.perf_counter() - t0:.1f}s; augmentation starts with the full fine-tuning)")
+        return torch.cat(out)
 
     def _end_epoch(self, state, epoch: int, train_loss: float, train_acc: float, seconds: float) -> dict:
         cfg = self.cfg
@@ -365,7 +469,7 @@ class Trainer:
 
     def _finish(self, state: dict[str, Any], status: str) -> TrainResult:
         cfg = self.cfg
-        test_metrics = None
+        test_metrics = evaluation = None
         if status == "interrupted":
             self.log(f"interrupted: progress saved in {self.run_dir / 'last.safetensors'}; "
                      f"continue with: imgclf train --resume {self.run_dir}")
@@ -382,7 +486,12 @@ class Trainer:
                 logits = predict_logits(self.model, to_tensor(self.ds.test.x, self.device), self.normalizer,
                                         batch_size=cfg.eval_batch_size, autocast_dtype=self.autocast_dtype,
                                         channels_last=cfg.channels_last)
-                test_metrics = metrics_from_logits(logits, torch.from_numpy(self.ds.test.y), self.ds.classes)
+                # the report's numbers (evaluate.py) from these same logits: no second forward pass
+                evaluation = evaluation_from_logits(logits, self.ds.test.y, self.ds.classes, self.ds.test.x)
+                test_metrics = {k: evaluation.metrics[k] for k in ("n", "loss", "top1", "top5",
+                                                                    "per_class_accuracy")}
+                evaluation.metrics.update(split="test", data=self.ds.source,
+                                          checkpoint=str(self.run_dir / f"{final}.safetensors"))
                 m = test_metrics
                 m["weights"] = f"{final} (epoch {state['best_epoch'] if final == 'best' else state['epoch']})"
                 self.log(f"test   loss {m['loss']:.4f}  top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  "
@@ -396,10 +505,23 @@ class Trainer:
                 save_checkpoint(target, ckpt.state_dict, meta)
         self._write_run_json(status, epochs_done=state["epoch"], best_epoch=state["best_epoch"],
                              test_metrics=test_metrics)
+        if status != "interrupted":
+            self._write_report(evaluation)
         print(self.run_dir, flush=True)  # the last line printed: the run folder
         return TrainResult(run_dir=self.run_dir, status=status, epochs_done=state["epoch"],
                            best_epoch=state["best_epoch"], history=state["history"], test_metrics=test_metrics,
                            notes=self.notes)
+
+    def _write_report(self, evaluation) -> None:
+        """Plots + report.html; a failure here must never cost the run, so it only warns."""
+        from .report import write_report
+
+        try:
+            path = write_report(self.run_dir, evaluation)
+            self.log(f"report {path}")
+        except Exception as e:  # noqa: BLE001 -- the weights and metrics are saved; the report can be redone
+            self.log(f"warning: could not write the report ({type(e).__name__}: {e}); "
+                     f"retry with: imgclf report {self.run_dir}")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -420,20 +542,25 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
     return steps
 
 
-def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    lr, wd = cfg.resolved_lr(), cfg.weight_decay
-    params = [p for p in model.parameters() if p.requires_grad]
+def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, backbone_lr_mult: float = 1.0
+                     ) -> torch.optim.Optimizer:
+    """Two parameter groups, backbone and head: fine-tuning gives the backbone a lower learning rate."""
+    lr, wd = cfg.resolved_lr(), cfg.weight_decay or 0.0
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in head],
+               "lr": lr * backbone_lr_mult},
+              {"params": [p for p in model.parameters() if p.requires_grad and id(p) in head], "lr": lr}]
     # fused kernels: one pass over all parameters instead of ~10 small ops per tensor (a measurable
     # share of a small CNN's step on a CPU); fall back where this build has none for the device.
     for fused in (True, None):
         kw = {"fused": fused} if fused else {}
         try:
             if cfg.optimizer == "sgd":
-                return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                                        weight_decay=wd, **kw)
             if cfg.optimizer == "adamw":
-                return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **kw)
-            return torch.optim.Adam(params, lr=lr, weight_decay=wd, **kw)
+                return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, **kw)
+            return torch.optim.Adam(groups, lr=lr, weight_decay=wd, **kw)
         except (RuntimeError, TypeError, ValueError):
             continue
     raise AssertionError("unreachable")
@@ -452,7 +579,8 @@ def _match_state_layout(opt: torch.optim.Optimizer) -> None:
 def _build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.resolved_lr(), total_steps=total,
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=total,
                                                    cycle_momentum=cfg.optimizer == "sgd")
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)

@@ -135,6 +135,9 @@ def _detect_parser(path: Path) -> Callable[..., Decoded]:
     return load_folder
 
 
+DEFAULT_HOLDOUT = 0.1  # val and test fractions for a <class>/* folder when none are given
+
+
 def _make_dataset(decoded: Decoded, *, name: str, source: Path, val_split: float, test_split: float,
                   seed: int) -> Dataset:
     """Apply the split fractions to the decoded arrays. Independent seeded streams for test and val, so
@@ -147,6 +150,12 @@ def _make_dataset(decoded: Decoded, *, name: str, source: Path, val_split: float
     val_origin = "val-folder" if val is not None else "none"
     x, y = splits["all"] if "all" in splits else splits["train"]
     rest = np.arange(len(y))
+    if "all" in splits and val_split == 0 and test_split == 0 and len(y) and np.bincount(y).min() >= 10:
+        # A bare <class>/* folder still gets held-out images, or its run could never be judged
+        # (with fewer than 10 images in some class there is too little to hold out: none is).
+        val_split, test_split = DEFAULT_HOLDOUT, DEFAULT_HOLDOUT
+        note(f"{source} has no train/test folders: holding out {DEFAULT_HOLDOUT:.0%} for validation and "
+             f"{DEFAULT_HOLDOUT:.0%} for test (stratified, seeded; set --val-split/--test-split to change)")
 
     test_carved = test is None and test_split > 0
     if test_split > 0 and not test_carved:

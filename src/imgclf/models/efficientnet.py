@@ -171,4 +171,6 @@ def load_imagenet(model: EfficientNetLite, path=None) -> list[str]:
             raise ImgclfError(f"{path}: {key!r} has shape {tuple(renamed[key].shape)}, the model expects "
                               f"{tuple(own[key].shape)}")
     model.load_state_dict(renamed, strict=False)
+    # the normalisation these weights were trained with; the trainer stores it as the run's preprocessing
+    model.input_mean, model.input_std = IMAGENET_MEAN, IMAGENET_STD
     return notes

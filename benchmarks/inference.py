@@ -1,0 +1,118 @@
+"""Inference speed and accuracy: PyTorch eager fp32 vs ONNX Runtime fp32 vs ONNX Runtime int8.
+
+    python benchmarks/inference.py                                  # every registered model, untrained weights
+    python benchmarks/inference.py runs/cifar10-jpeg-seed-cnn runs/x  # trained runs: accuracy too
+    python benchmarks/inference.py --models seed-cnn resnet18 --json
+
+For each model: images/s at batch 1 and batch 256 on this CPU, and top-1 on the run's test split (trained
+runs only: an untrained model's speed is the same, its accuracy meaningless). The int8 model is made as
+``imgclf export --int8`` makes it (static QDQ, per-channel, 300 calibration images from the training
+data). Prints a table and, last, one JSON line. Figures are only as quiet as the machine: run it alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import imgclf
+from imgclf.data.images import Preprocess
+from imgclf.data.tensors import channel_stats, to_tensor
+from imgclf.export import (
+    export_onnx,
+    load_onnx,
+    needs_reduce_range,
+    quantize_int8,
+    run_dataset,
+    sample_indices,
+    throughput,
+)
+from imgclf.predict import Classifier
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+
+def per_image_rate(clf, x: torch.Tensor, seconds: float) -> float:
+    """Images/s answering one image at a time (batch 1), as a server with no concurrency would."""
+    clf.logits(x[:1], batch_size=1)
+    n, t0 = 0, time.perf_counter()
+    while n < 20 or time.perf_counter() - t0 < seconds:
+        clf.logits(x[n % len(x):n % len(x) + 1], batch_size=1)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def targets(args) -> list[tuple[str, Classifier, object]]:
+    """(label, classifier, dataset) for each run given, else each model (untrained) on CIFAR-10."""
+    out = []
+    for run in args.runs:
+        clf = imgclf.load(run, device="cpu")
+        out.append((f"{clf.meta['arch']['name']} ({run})", clf, run_dataset(clf, None, progress=False)))
+    if not args.runs:
+        ds = imgclf.load_dataset(str(args.data), progress=False)
+        mean, std = channel_stats(ds.train.x)
+        spec = Preprocess(ds.image_size, ds.channels, mean, std)
+        for name in args.models or imgclf.list_models():
+            torch.manual_seed(0)
+            model = imgclf.create_model(name, num_classes=len(ds.classes), in_channels=ds.channels).eval()
+            meta = {"arch": {"name": name}, "classes": ds.classes, "preprocess": spec.to_dict()}
+            out.append((f"{name} (untrained)", Classifier(model, ds.classes, spec, meta=meta), ds))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="*", help="trained run folders (default: every registered model, untrained)")
+    ap.add_argument("--models", nargs="*", help="registered models to time when no run is given")
+    ap.add_argument("--data", default=str(CIFAR), help="data for untrained models (calibration and timing)")
+    ap.add_argument("--test-images", type=int, default=2000, help="test images for accuracy (0 = all)")
+    ap.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    ap.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime (0: their "
+                    "defaults). On a busy machine PyTorch's default (one thread a core) can be many times slower "
+                    "at batch 1 than one thread: its threads wait for each other")
+    ap.add_argument("--json", action="store_true", help="print only the JSON")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows = []
+    env = {"torch_threads": torch.get_num_threads(), "ort_threads": args.threads or "default",
+           "cpus": os.cpu_count(), "reduce_range": needs_reduce_range(),
+           "load_avg_before": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, clf, ds in targets(args):
+            test = ds.test
+            idx = sample_indices(len(test.y), args.test_images, seed=0)
+            x, y = to_tensor(test.x[idx]), torch.as_tensor(test.y[idx])
+            trained = bool(args.runs)
+            fp32_path, int8_path = Path(tmp) / "m.onnx", Path(tmp) / "m.int8.onnx"
+            export_onnx(clf, fp32_path)
+            quantize_int8(fp32_path, int8_path, ds.train.x[sample_indices(len(ds.train.x), 300, seed=1)])
+            for backend, c in (("pytorch fp32", clf), ("onnx fp32", load_onnx(fp32_path, threads=args.threads)),
+                               ("onnx int8", load_onnx(int8_path, threads=args.threads))):
+                acc = (c.logits(x).argmax(1) == y).float().mean().item() if trained else None
+                rows.append({"model": label, "backend": backend,
+                             "batch1_ips": round(per_image_rate(c, x, args.seconds), 1),
+                             "batch256_ips": round(throughput(c, x, 256, args.seconds), 1),
+                             "top1": acc, "n_test": len(idx) if trained else None,
+                             "size_bytes": os.path.getsize(c.path) if c.path else None})
+                if not args.json:
+                    r = rows[-1]
+                    print(f"{label:<34} {backend:<13} batch 1 {r['batch1_ips']:>8,.0f} img/s   batch 256 "
+                          f"{r['batch256_ips']:>8,.0f} img/s   top-1 {'-' if acc is None else f'{acc:.2%}'}",
+                          flush=True)
+    env["load_avg_after"] = os.getloadavg()[0]
+    if not args.json:
+        print(f"(torch threads {env['torch_threads']}, {env['cpus']} CPUs, reduce_range {env['reduce_range']}, "
+              f"load average {env['load_avg_before']:.1f} -> {env['load_avg_after']:.1f})")
+    print(json.dumps({"env": env, "rows": rows}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

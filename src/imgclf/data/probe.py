@@ -1,0 +1,69 @@
+"""A quick look at a data source before decoding it: is it a built-in, and how big are its images?
+
+    probe_image_side("photos/")     # -> 375 (median shorter side of a sample), or None if unknown
+
+Used by the training recipes ("auto" picks the photo recipe for a folder of large images). Reads only
+image headers of at most ``sample`` files (for an archive, its first members), so it costs milliseconds.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .archives import is_archive, iter_archive
+from .builtin import BUILTINS
+from .cifar import is_cifar10, is_cifar100
+from .folder import IMAGE_SUFFIXES
+from .idx import is_idx_folder
+
+
+def probe_image_side(data: str, sample: int = 64) -> int | None:
+    """Median shorter side of a sample of the source's images; the native size for official formats;
+    None when nothing can be read (load_dataset will then say what is wrong)."""
+    if str(data).lower() in BUILTINS:
+        return BUILTINS[str(data).lower()].image_size
+    path = Path(data).expanduser()
+    if not path.exists():
+        return None
+    try:
+        if is_idx_folder(path):
+            return 28
+        if (path.is_dir() or is_archive(path)) and (is_cifar10(path) or is_cifar100(path)):
+            return 32
+        sides = []
+        for opener in _image_sources(path, sample):
+            try:
+                with Image.open(opener()) as img:  # header only: no pixels decoded
+                    sides.append(min(img.size))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                continue
+    except Exception:  # noqa: BLE001 - a probe never fails the run; load_dataset reports bad input
+        return None
+    return int(np.median(sides)) if sides else None
+
+
+def _image_sources(path: Path, sample: int):
+    def is_image(name: str) -> bool:
+        return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not os.path.basename(name).startswith(".")
+
+    if path.is_dir():
+        found = []
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+            found += [Path(root) / f for f in sorted(files) if is_image(f)]
+            if len(found) >= sample:
+                break
+        return [(lambda p=p: p) for p in found[:sample]]
+    if is_archive(path):
+        out = []
+        for entry in iter_archive(path, stream=True):
+            if entry.kind == "file" and is_image(entry.name):
+                out.append(lambda d=entry.data: io.BytesIO(d))
+                if len(out) >= sample:
+                    break
+        return out
+    return []

@@ -1,0 +1,63 @@
+"""Training recipes: named sets of defaults, chosen for the data when the user does not name one.
+
+    resolved, why = resolve(TrainConfig(data="photos/"))   # -> a TrainConfig with every setting filled
+
+A setting left as None in :class:`~imgclf.config.TrainConfig` is the recipe's to fill; one the user gave
+always wins. ``recipe="auto"`` picks ``photo`` (an ImageNet-pretrained EfficientNet-Lite0, fine-tuned) for
+a folder of photos, i.e. images larger than 64 px, and ``seed`` (the seed notebooks' CNN and schedule)
+for CIFAR/MNIST-sized data. The user's config is never changed: the resolved one is a new object, and
+the run records both.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .config import DEFAULT_LR, TrainConfig
+from .data.probe import probe_image_side
+from .errors import ImgclfError
+
+RECIPES: dict[str, dict] = {
+    # The seeds' Keras recipe: their CNN, Adam 1e-3, batch 64, 10 epochs, no augmentation.
+    "seed": {"model": "seed-cnn", "epochs": 10, "batch_size": 64, "optimizer": "adam", "lr": 1e-3,
+             "schedule": "constant", "label_smoothing": 0.0, "augment": "none", "weight_decay": 0.0,
+             "freeze_epochs": 0},
+    # Photos: fine-tune ImageNet EfficientNet-Lite0 fastai-style: 1 head-only epoch on cached features,
+    # then the whole net with a 10x lower backbone lr, one-cycle, label smoothing, crop+flip augmentation.
+    "photo": {"model": "efficientnet-lite0", "pretrained": "imagenet", "epochs": 6, "freeze_epochs": 1,
+              "batch_size": 32, "optimizer": "adamw", "lr": 2e-3, "schedule": "onecycle",
+              "label_smoothing": 0.1, "augment": "photo", "weight_decay": 0.01},
+}
+PHOTO_MIN_SIDE = 64      # images larger than this are "photos"
+PHOTO_MAX_SIDE = 160     # input side for photos: EfficientNet's accuracy keeps most of its 224px value at a
+                         # half of its CPU cost (cost grows with the square of the side)
+
+
+def resolve(cfg: TrainConfig, native_side: int | None = None) -> tuple[TrainConfig, list[str]]:
+    """-> (a copy of cfg with every recipe setting filled, one line per choice saying why)."""
+    why = []
+    name = cfg.recipe
+    if native_side is None:
+        native_side = probe_image_side(cfg.data)
+    if name == "auto":
+        photo = native_side is not None and native_side > PHOTO_MIN_SIDE and cfg.init_from is None
+        name = "photo" if photo else "seed"
+        why.append(f"recipe {name}: " + (f"images of about {native_side}px look like photos, so an ImageNet-"
+                                         "pretrained backbone is fine-tuned" if photo else
+                                         f"{native_side or 'small'}px images: the seed CNN recipe"))
+    if name not in RECIPES:
+        raise ImgclfError(f"unknown recipe {name!r}; choose from auto, {', '.join(RECIPES)}")
+    fill = {k: v for k, v in RECIPES[name].items() if getattr(cfg, k) is None}
+    if cfg.lr is None and cfg.optimizer is not None and cfg.optimizer != RECIPES[name]["optimizer"]:
+        fill["lr"] = DEFAULT_LR[cfg.optimizer]  # the recipe's lr was tuned for its own optimizer
+    if name == "photo" and cfg.image_size is None and native_side:
+        side = max(PHOTO_MIN_SIDE, min(PHOTO_MAX_SIDE, native_side // 16 * 16))
+        fill["image_size"] = side
+        why.append(f"image size {side}px: the photos' median shorter side {native_side}px, capped at "
+                   f"{PHOTO_MAX_SIDE}px for CPU speed (set --image-size to change)")
+    if fill.get("pretrained") and cfg.model is not None and cfg.model != RECIPES[name]["model"]:
+        fill.pop("pretrained")  # the user's own model choice has no such weights
+    resolved = dataclasses.replace(cfg, recipe=name, **fill)
+    if resolved.freeze_epochs >= resolved.epochs and resolved.freeze_epochs:
+        raise ImgclfError(f"--freeze-epochs {resolved.freeze_epochs} leaves no epoch to fine-tune the whole "
+                          f"model in {resolved.epochs} epochs; raise --epochs or lower --freeze-epochs")
+    return resolved, why

@@ -1,0 +1,188 @@
+"""ONNX / int8 export, its parity check, and .onnx models in predict and evaluate."""
+import importlib
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+import imgclf
+from conftest import CIFAR_JPEG
+from imgclf.cli import main
+from imgclf.errors import ImgclfError
+from imgclf.export import ParityError, export, load_onnx
+
+export_mod = importlib.import_module("imgclf.export")  # `imgclf.export` is the function, not the module
+
+
+@pytest.fixture(scope="module")
+def cifar_seed_run(tmp_path_factory):
+    """seed-cnn trained 1 epoch on 20% of CIFAR-10 (~30 s on 2 cores): a small real-data model."""
+    root = tmp_path_factory.mktemp("cifar_run")
+    return imgclf.train(data=str(CIFAR_JPEG), model="seed-cnn", epochs=1, fraction=0.2, project=str(root),
+                        name="seed", progress=False)
+
+
+def _cli(capsys, *args):
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """The tiny run exported once: (report, path of the .onnx)."""
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    report = export(tiny_run.run_dir, out=out, speed=False, progress=False)
+    return report, out
+
+
+def test_export_parity_and_metadata(tiny_run, exported):
+    report, out = exported
+    assert report.ok and report.out == out and out.is_file()
+    pt, ort = report.rows
+    assert pt.name == "pytorch fp32" and ort.name == "onnx fp32"
+    assert ort.agreement == 1.0 and ort.max_logit_diff < 1e-4 and ort.accuracy == pt.accuracy
+    assert report.n_images == 24  # the tiny run's whole test split
+    assert "top-1 agree" in report.table() and json.loads(json.dumps(report.to_dict()))["ok"] is True
+
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    ckpt = imgclf.load(tiny_run.run_dir)
+    assert json.loads(props["classes"]) == ckpt.classes
+    assert int(props["image_size"]) == 32 and int(props["channels"]) == 3
+    assert tuple(json.loads(props["mean"])) == ckpt.preprocess.mean
+    assert props["imgclf_version"] == imgclf.__version__ and props["precision"] == "fp32"
+
+    clf = imgclf.load(out)  # the file alone: classes and preprocessing from its metadata
+    assert isinstance(clf, imgclf.OnnxClassifier)
+    assert clf.classes == ckpt.classes and clf.preprocess == ckpt.preprocess
+    x = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    for n in (1, 7):  # dynamic batch axis
+        assert torch.allclose(clf.logits(x[:n]), ckpt.logits(x[:n]), atol=1e-4)
+
+
+def test_onnx_in_predict_and_evaluate_cli(tiny_run, exported, tmp_path, capsys):
+    _, out = exported
+    img = np.zeros((50, 70, 3), np.uint8)
+    img[..., 2] = 200
+    Image.fromarray(img).save(tmp_path / "blue.jpg")
+    outs = []
+    for model in (str(tiny_run.run_dir), str(out)):
+        code, text, _ = _cli(capsys, "predict", model, str(tmp_path / "blue.jpg"), "--format", "json")
+        assert code == 0
+        outs.append(json.loads(text))
+    (a,), (b,) = outs
+    assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]] and b["top"][0]["class"] == "blue"
+    assert all(abs(s["probability"] - t["probability"]) < 1e-4 for s, t in zip(a["top"], b["top"]))
+
+    code, text, _ = _cli(capsys, "evaluate", str(out), "--json", "--no-progress")
+    assert code == 0
+    m = json.loads(text)
+    assert m["n"] == 24 and m["top1"] == imgclf.evaluate(tiny_run.run_dir, progress=False)["top1"]
+
+
+def test_export_int8_cli(tiny_run, tmp_path, capsys):
+    out = tmp_path / "tiny.int8.onnx"
+    code, text, err = _cli(capsys, "export", str(tiny_run.run_dir), "--int8", "--out", str(out), "--json",
+                           "--calib-images", "40", "--no-speed", "--no-progress")
+    assert code == 0, err
+    rep = json.loads(text)
+    assert rep["ok"] and [r["name"] for r in rep["rows"]] == ["pytorch fp32", "onnx fp32", "onnx int8"]
+    assert (tmp_path / "tiny.onnx").is_file() and out.is_file()  # fp32 kept beside the int8 model
+    int8 = rep["rows"][2]
+    assert int8["size_bytes"] < rep["rows"][1]["size_bytes"] / 2
+    assert int8["accuracy"] >= rep["rows"][1]["accuracy"] - 0.05
+    clf = load_onnx(out)
+    assert clf.meta["onnx"]["precision"] == "int8" and clf.meta["onnx"]["calibration_images"] == 40
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out)).graph.node)
+
+
+def test_parity_failure_exits_nonzero(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(export_mod, "compare", lambda ref, logits: (0.9, 3.0))
+    with pytest.raises(ParityError, match="below 99.5%") as e:
+        export(tiny_run.run_dir, out=tmp_path / "a.onnx", speed=False, progress=False)
+    assert not e.value.report.ok
+    code, text, err = _cli(capsys, "export", str(tiny_run.run_dir), "--out", str(tmp_path / "b.onnx"),
+                           "--no-speed", "--no-progress")
+    assert code == 1 and "FAILED" in text and "agrees with PyTorch on 90.00%" in err
+
+
+def test_int8_gate_is_accuracy_not_agreement():
+    from imgclf.export import BackendResult, ExportReport
+
+    def report(int8_agreement, int8_acc):
+        rows = [BackendResult("pytorch fp32", "a", 1, None, None, 0.80, None),
+                BackendResult("onnx fp32", "b", 1, 1.0, 1e-6, 0.80, None),
+                BackendResult("onnx int8", "c", 1, int8_agreement, 0.3, int8_acc, None)]
+        return ExportReport(out="c", rows=rows, n_images=2000, data="d", min_agreement=0.995)
+
+    assert report(0.99, 0.799).ok                      # borderline flips, accuracy kept: fine
+    bad = report(0.99, 0.79)
+    assert not bad.ok and "loses 1.00 accuracy points" in bad.failures[0] and "failed:" in bad.table()
+
+
+def test_export_errors(tiny_run, exported, tmp_path):
+    _, out = exported
+    with pytest.raises(ImgclfError, match="format"):
+        export(tiny_run.run_dir, "tflite", progress=False)
+    with pytest.raises(ImgclfError, match="not an ONNX file"):
+        export(out, progress=False)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ImgclfError, match="junk.onnx"):
+        imgclf.load(tmp_path / "junk.onnx")
+    plain = onnx.load(str(out))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ImgclfError, match="without imgclf metadata"):
+        imgclf.load(tmp_path / "plain.onnx")
+    with pytest.raises(ImgclfError, match="not found"):
+        imgclf.load(tmp_path / "missing.onnx")
+
+
+def test_relu_before_maxpool_is_exact(tiny_run, exported, tmp_path):
+    """The graph rewrite int8 relies on changes no output (max-pool commutes with ReLU)."""
+    _, out = exported
+    model = onnx.load(str(out))
+    assert export_mod.relu_before_maxpool(model) == 3  # seed-cnn pools before each of its three ReLUs
+    onnx.save(model, str(tmp_path / "swapped.onnx"))
+    shutil.copy(out, tmp_path / "orig.onnx")
+    a, b = load_onnx(tmp_path / "orig.onnx"), load_onnx(tmp_path / "swapped.onnx")
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(a.logits(x), b.logits(x), atol=1e-5)
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not CIFAR_JPEG.exists(), reason="needs ../shared/datasets/cifar10-jpeg.tar.gz")
+def test_int8_accuracy_on_cifar(cifar_seed_run, tmp_path):
+    """Static int8 of a small real-data model keeps its accuracy (seed-cnn, 1 epoch on 20% of CIFAR-10)."""
+    report = export(cifar_seed_run.run_dir, int8=True, out=tmp_path / "m.int8.onnx", check_images=1000,
+                    speed=False, progress=False)  # raises ParityError if int8 loses > 0.5 points
+    pt, fp32, int8 = report.rows
+    assert fp32.agreement == 1.0 and fp32.max_logit_diff < 1e-3
+    assert int8.agreement >= 0.97 and fp32.accuracy - int8.accuracy <= 0.005, report.table()
+    assert int8.size_bytes < fp32.size_bytes / 3
+
+
+@pytest.mark.parametrize("name", imgclf.list_models())
+def test_every_registered_model_exports(name, tmp_path):
+    """Export works for the whole registry (untrained weights): same logits as PyTorch, any batch size."""
+    from imgclf.data.images import Preprocess
+    from imgclf.export import export_onnx
+    from imgclf.predict import Classifier
+
+    spec = Preprocess(32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    classes = [str(i) for i in range(10)]
+    clf = Classifier(imgclf.create_model(name, num_classes=10), classes, spec,
+                     meta={"arch": {"name": name}, "classes": classes, "preprocess": spec.to_dict()})
+    onnx_clf = load_onnx(export_onnx(clf, tmp_path / f"{name}.onnx"))
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    ref = clf.logits(x)
+    assert torch.allclose(onnx_clf.logits(x), ref, atol=1e-4, rtol=1e-3)
+    assert torch.allclose(onnx_clf.logits(x[:1]), ref[:1], atol=1e-4, rtol=1e-3)

@@ -1,0 +1,117 @@
+"""report.py: the plots and report.html written at the end of training, `imgclf report`, and a real browser."""
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import imgclf
+from conftest import make_image_folder
+from imgclf.cli import main
+from imgclf.report import PLOT_SIZES, RUN_PLOTS
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _cli(capsys, *args):
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_plot(path: Path):
+    assert path.is_file() and path.stat().st_size > 2000, path
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == PLOT_SIZES[path.name], (path, img.size)
+
+
+def test_training_writes_plots_report_and_metrics(tiny_run):
+    run = tiny_run.run_dir
+    for name in RUN_PLOTS:
+        assert_plot(run / name)
+    for name in ("evaluation.json", "classification_report.json", "classification_report.txt", "report.html"):
+        assert (run / name).stat().st_size > 100, name
+    page = (run / "report.html").read_text()
+    assert "<img" in page and "src='data:image/png;base64," in page
+    assert not re.search(r"""(src|href)=['"](?!data:)""", page)  # self-contained: no outside file or URL
+    m = json.loads((run / "evaluation.json").read_text())
+    assert f"{m['top1']:.1%}" in page and f"{m['macro_f1']:.3f}" in page  # the same numbers as evaluate
+    assert "imgclf train --config" in page and "green" in page
+
+
+def test_report_rerenders_and_failure_only_warns(tiny_run, tmp_path, capsys, monkeypatch):
+    code, out, err = _cli(capsys, "report", str(tiny_run.run_dir), "--tta", "flip", "--no-progress")
+    assert code == 0, err
+    assert out.strip().endswith("report.html")
+    assert "Test-time augmentation" in (tiny_run.run_dir / "report.html").read_text()
+    code, _, err = _cli(capsys, "report", str(tmp_path))
+    assert code == 2 and "not a run folder" in err
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    report_module = importlib.import_module("imgclf.report")  # imgclf.report is the function
+    monkeypatch.setattr(report_module, "write_report", broken)
+    data = make_image_folder(tmp_path / "data", n_train=8, n_test=4)
+    result = imgclf.train(data=str(data), epochs=1, batch_size=8, project=str(tmp_path / "runs"), progress=False)
+    out = capsys.readouterr().out
+    assert "could not write the report (RuntimeError: disk on fire)" in out and "imgclf report" in out
+    assert result.status == "finished" and (result.run_dir / "best.safetensors").is_file()
+    assert json.loads((result.run_dir / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
+                    "(apt-get install -y chromium) for the browser test")
+def test_report_in_a_real_browser(tiny_run):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install "
+                                   "-e '.[test]')")
+    page_path = tiny_run.run_dir / "report.html"
+    outside = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM),
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+            page.goto(page_path.as_uri(), wait_until="load")
+            images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth, e.alt])")
+            headings = page.eval_on_selector_all("h1, h2", "els => els.map(e => e.textContent)")
+            text = page.inner_text("body")
+            page.screenshot(path=str(tiny_run.run_dir / "report-screenshot.png"), full_page=True)
+        finally:
+            browser.close()
+    assert len(images) == len(RUN_PLOTS)
+    assert all(complete and width > 0 for complete, width, _ in images), images
+    for heading in ("Training curves", "Classification report", "Confusion matrix", "Per-class accuracy",
+                    "Calibration", "Misclassified test images", "Correctly classified test images", "Dataset",
+                    "Configuration", "Reproduce"):
+        assert heading in headings, (heading, headings)
+    assert "green" in text and "test accuracy" in text
+    assert outside == []
+    assert (tiny_run.run_dir / "report-screenshot.png").stat().st_size > 10_000
+
+
+def test_plots_keep_their_size_in_edge_cases(tmp_path):
+    """LR drops marked, no validation data, many classes: same pixel size, no error."""
+    import io
+    import math
+
+    from imgclf.report import plot_confusion, plot_curves, plot_per_class
+
+    history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "val_loss": math.nan, "val_acc": math.nan,
+                "lr": 0.1 if e < 3 else 0.02, "seconds": 1.0} for e in range(1, 6)]
+    k = 30
+    cm = [[5 if i == j else 1 for j in range(k)] for i in range(k)]
+    share = [[v / sum(row) for v in row] for row in cm]
+    names = [f"class-with-a-long-name-{i}" for i in range(k)]
+    for name, png in (("curves.png", plot_curves(history, best_epoch=2, schedule="plateau")),
+                      ("confusion_matrix.png", plot_confusion(cm, share, names)),
+                      ("per_class_accuracy.png", plot_per_class({n: 5 / 34 for n in names}, 5 / 34, 1020))):
+        with Image.open(io.BytesIO(png)) as img:
+            assert img.size == PLOT_SIZES[name], name
