@@ -26,6 +26,19 @@ def _private_cache(session_home, monkeypatch):
     monkeypatch.setenv("IMGCLF_HOME", str(session_home))
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the ``imgclf`` command in-process; returns (exit code, stdout, stderr)."""
+    from imgclf.cli import main
+
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def make_image_folder(root: Path, n_train: int = 24, n_test: int = 8, size: int = 32, seed: int = 0,
                       classes=tuple(_COLOURS), mode: str = "RGB") -> Path:
     """train/<class>/*.png + test/<class>/*.png of noisy colour patches, one colour per class."""

@@ -5,18 +5,8 @@ import shutil
 from PIL import Image
 
 import imgclf
-from imgclf.cli import main
+from conftest import run_cli as _cli
 from imgclf.report import PLOT_SIZES
-
-
-def _cli(capsys, *args):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_runs_and_compare(tiny_run, tmp_path, capsys):

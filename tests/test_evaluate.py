@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import imgclf
-from imgclf.cli import main
+from conftest import run_cli as _cli
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import (
     calibration_metrics,
@@ -18,16 +18,6 @@ from imgclf.evaluate import (
 )
 
 CLASSES = ["cat", "dog", "fox"]
-
-
-def _cli(capsys, *args):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _logits_for(pred, n_classes=3, margin=2.0):

@@ -11,7 +11,7 @@ from PIL import Image
 
 import imgclf
 from conftest import CIFAR_JPEG
-from imgclf.cli import main
+from conftest import run_cli as _cli
 from imgclf.errors import ImgclfError
 from imgclf.export import ParityError, export, load_onnx
 
@@ -24,16 +24,6 @@ def cifar_seed_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar_run")
     return imgclf.train(data=str(CIFAR_JPEG), model="seed-cnn", epochs=1, fraction=0.2, project=str(root),
                         name="seed", progress=False)
-
-
-def _cli(capsys, *args):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,8 @@ from PIL import Image
 
 import imgclf
 from conftest import CIFAR_JPEG, make_image_folder
-from imgclf.cli import main
+from conftest import run_cli as _cli
 from imgclf.report import PLOT_SIZES
-
-
-def _cli(capsys, *args):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_inspect_finds_imbalance_duplicates_and_bad_files(tmp_path, capsys):

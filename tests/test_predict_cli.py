@@ -6,19 +6,8 @@ import pytest
 from PIL import Image
 
 import imgclf
-from imgclf.cli import main
+from conftest import run_cli as _cli
 from imgclf.errors import ImgclfError
-
-
-def _cli(capsys, *args):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

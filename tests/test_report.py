@@ -9,20 +9,10 @@ from PIL import Image
 
 import imgclf
 from conftest import make_image_folder
-from imgclf.cli import main
+from conftest import run_cli as _cli
 from imgclf.report import PLOT_SIZES, RUN_PLOTS
 
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-def _cli(capsys, *args):
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_plot(path: Path):
