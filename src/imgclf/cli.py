@@ -168,9 +168,11 @@ def models(
         typer.echo(json.dumps(rows, indent=2))
         return
     width = max(len(r["name"]) for r in rows)
-    typer.echo(f"{'model':<{width}}  {'parameters':>12}  description")
+    # Keras counts BatchNorm's running mean/variance as (non-trainable) parameters; shown for comparison
+    typer.echo(f"{'model':<{width}}  {'parameters':>12}  {'Keras count':>12}  description")
     for r in rows:
-        typer.echo(f"{r['name']:<{width}}  {r['params']:>12,}  {r.get('description', '')}")
+        typer.echo(f"{r['name']:<{width}}  {r['params']:>12,}  {r.get('keras_params', r['params']):>12,}  "
+                   f"{r.get('description', '')}")
 
 
 @app.command()
