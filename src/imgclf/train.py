@@ -392,7 +392,7 @@ class Trainer:
             val_loss, val_acc = m["loss"], m["top1"]
         else:
             val_loss, val_acc = float("nan"), float("nan")
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[-1]["lr"]  # the head's: the backbone's is lower when fine-tuning
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                "val_acc": val_acc, "lr": lr, "seconds": seconds}
         score = {"val_loss": val_loss, "val_acc": val_acc}[cfg.monitor] if self.val is not None else train_loss
