@@ -189,6 +189,12 @@ def _usable_cpus() -> int:
 
 
 def _fork_context():
-    # Forked workers start in milliseconds with this module already imported; "spawn" would re-import
-    # imgclf (and torch) in each worker first. Fork is only dependable on Linux.
-    return multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    # Not plain "fork": the parent is multi-threaded by now (torch, onnxruntime, tqdm), and a forked child
+    # inherits any lock another thread held at that instant, locked forever; workers then hang in a
+    # futex wait (seen in CI). A fork server is a clean single-threaded process, started once, that
+    # imports this module once and then forks workers in milliseconds.
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
