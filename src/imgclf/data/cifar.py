@@ -78,18 +78,32 @@ def load_cifar10(path: Path, *, image_size: int | None = None, channels: int | N
     """Parse the official archive or folder into Decoded (train 50k / test 10k), resized if asked.
     ``skip_bad_images`` is accepted for a uniform parser signature: batches hold no image files to skip."""
     blobs = _read_blobs(path)
-    missing = [f for f in FILES if f not in blobs]
-    if missing:
-        raise ImgclfError(f"{path}: CIFAR-10 file {FOLDER}/{missing[0]} is missing; download "
-                          "cifar-10-python.tar.gz again or pass an image folder")
-    meta = restricted_loads(blobs["batches.meta"], name=f"{path}: batches.meta")
-    try:
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
-    except (KeyError, TypeError) as e:
-        raise ImgclfError(f"{path}: batches.meta has no label_names ({e}); download the archive again") from None
+    _require(blobs, FILES, path, FOLDER, "cifar-10-python.tar.gz")
+    classes = _label_names(blobs["batches.meta"], "batches.meta", b"label_names", path)
     train = [_parse_batch(blobs[b], f"{path}: {b}", len(classes)) for b in TRAIN_BATCHES]
     splits = {"train": (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])),
               "test": _parse_batch(blobs["test_batch"], f"{path}: test_batch", len(classes))}
+    return _decoded(classes, splits, image_size, channels, progress)
+
+
+def _require(blobs: Mapping[str, bytes], files, path: Path, folder: str, archive: str) -> None:
+    missing = [f for f in files if f not in blobs]
+    if missing:
+        raise ImgclfError(f"{path}: file {folder}/{missing[0]} is missing; download {archive} again or pass "
+                          "an image folder")
+
+
+def _label_names(blob: bytes, name: str, key: bytes, path: Path) -> list[str]:
+    meta = restricted_loads(blob, name=f"{path}: {name}")
+    try:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
+    except (KeyError, TypeError) as e:
+        raise ImgclfError(f"{path}: {name} has no {key.decode()} ({e}); download the archive again") from None
+
+
+def _decoded(classes: list[str], splits: dict, image_size: int | None, channels: int | None,
+             progress: bool) -> Decoded:
+    """Resize / convert the native 32x32 RGB arrays only when another size or channel count is asked for."""
     size, n_channels = image_size or NATIVE_SIZE, channels or 3
     if (size, n_channels) != (NATIVE_SIZE, 3):
         splits = {k: (preprocess_arrays(x, size, n_channels, progress=progress), y) for k, (x, y) in splits.items()}
@@ -155,21 +169,11 @@ def load_cifar100(path: Path, *, labels: str = "fine", image_size: int | None = 
     else:
         blobs = {e.name.rsplit("/", 1)[-1]: e.data for e in iter_archive(path)
                  if e.kind == "file" and e.name.split("/")[0] == FOLDER_100 and e.name.rsplit("/", 1)[-1] in FILES_100}
-    missing = [f for f in FILES_100 if f not in blobs]
-    if missing:
-        raise ImgclfError(f"{path}: CIFAR-100 file {FOLDER_100}/{missing[0]} is missing; download "
-                          "cifar-100-python.tar.gz again or pass an image folder")
-    meta = restricted_loads(blobs["meta"], name=f"{path}: meta")
-    try:
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[f"{labels}_label_names".encode()]]
-    except (KeyError, TypeError) as e:
-        raise ImgclfError(f"{path}: meta has no {labels}_label_names ({e}); download the archive again") from None
+    _require(blobs, FILES_100, path, FOLDER_100, "cifar-100-python.tar.gz")
+    classes = _label_names(blobs["meta"], "meta", f"{labels}_label_names".encode(), path)
     splits = {}
     for split in ("train", "test"):
         batch = restricted_loads(blobs[split], name=f"{path}: {split}")
         fixed = {b"data": batch.get(b"data"), b"labels": batch.get(f"{labels}_labels".encode())}
         splits[split] = _check_batch(fixed, f"{path}: {split}", len(classes))
-    size, n_channels = image_size or NATIVE_SIZE, channels or 3
-    if (size, n_channels) != (NATIVE_SIZE, 3):
-        splits = {k: (preprocess_arrays(x, size, n_channels, progress=progress), y) for k, (x, y) in splits.items()}
-    return Decoded(classes, n_channels, size, splits)
+    return _decoded(classes, splits, image_size, channels, progress)
