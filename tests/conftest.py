@@ -1,6 +1,10 @@
 """Shared fixtures: a private cache folder for the whole session and tiny synthetic image folders."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,30 @@ def session_home(tmp_path_factory) -> Path:
 def _private_cache(session_home, monkeypatch):
     """Never touch ~/.cache/imgclf from tests; the cache keys on content, so one folder serves the session."""
     monkeypatch.setenv("IMGCLF_HOME", str(session_home))
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path):
+    """Serve ``folder`` over HTTP on 127.0.0.1 (a free port) for download tests.
+    Yields the server with ``.url`` (no trailing slash) and ``.requests`` (paths asked for)."""
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    httpd.url, httpd.requests = f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:

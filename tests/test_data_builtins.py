@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import hashlib
-import http.server
 import pickle
 import struct
 import tarfile
-import threading
 
 import numpy as np
 import pytest
 
+from conftest import serve_folder
 from imgclf.cli import main
 from imgclf.data import BUILTINS, RemoteFile, list_datasets, load_dataset
 from imgclf.data.idx import read_idx
@@ -25,21 +23,8 @@ def serve(tmp_path):
     """Serve tmp_path/'www' on 127.0.0.1; returns (folder, base url, list of requested paths)."""
     www = tmp_path / "www"
     www.mkdir()
-    requests = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(www)))
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield www, f"http://127.0.0.1:{httpd.server_address[1]}/", requests
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(www) as httpd:
+        yield www, httpd.url + "/", httpd.requests
 
 
 def _md5(path):

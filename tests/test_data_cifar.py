@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import http.server
 import os
 import pickle
 import tarfile
-import threading
 
 import numpy as np
 import pytest
 
+from conftest import serve_folder
 from imgclf.data import BUILTINS, RemoteFile, load_dataset
 from imgclf.data.cifar import restricted_loads
 from imgclf.errors import ImgclfError
@@ -54,25 +52,8 @@ def cifar_archive(tmp_path):
 @pytest.fixture
 def server(cifar_archive):
     """Serves cifar_archive's folder on 127.0.0.1; .requests counts GETs."""
-    requests = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(cifar_archive.parent)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.requests = requests
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(cifar_archive.parent) as httpd:
+        yield httpd
 
 
 def point_cifar10_at(monkeypatch, url, checksum):
