@@ -6,14 +6,37 @@ from imgclf.config import TrainConfig, read_config_file
 from imgclf.errors import ImgclfError
 
 
-def test_defaults_are_the_seed_recipe_for_small_images():
+def test_defaults_are_the_fast_recipe_for_small_images():
     from imgclf.recipes import resolve
     cfg, why = resolve(TrainConfig(), native_side=32)
-    assert (cfg.data, cfg.model, cfg.optimizer, cfg.batch_size, cfg.epochs) == ("cifar10", "seed-cnn", "adam", 64, 10)
-    assert cfg.recipe == "seed" and cfg.resolved_lr() == 1e-3 and "seed" in why[0]
-    sgd, _ = resolve(TrainConfig(optimizer="sgd"), native_side=32)
-    assert sgd.lr == 0.05  # the recipe's Adam lr is not given to another optimizer
+    assert (cfg.data, cfg.model, cfg.optimizer, cfg.schedule, cfg.augment) == ("cifar10", "fastnet", "muon", "linear",
+                                                                              "fast")
+    assert cfg.recipe == "fast" and cfg.tta == "flip+translate" and cfg.val_every == 0 and "FastNet" in why[0]
     assert resolve(TrainConfig(epochs=3), native_side=32)[0].epochs == 3  # the user's value wins
+
+
+def test_seed_recipe_is_one_flag_away():
+    from imgclf.recipes import resolve
+    cfg, why = resolve(TrainConfig(recipe="seed"), native_side=32)
+    assert (cfg.model, cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.augment) == ("seed-cnn", "adam", 64, 10, "none")
+    assert cfg.resolved_lr() == 1e-3 and cfg.tta is None and cfg.val_every is None
+    sgd, _ = resolve(TrainConfig(recipe="seed", optimizer="sgd"), native_side=32)
+    assert sgd.lr == 0.05  # the recipe's Adam lr is not given to another optimizer
+
+
+def test_durations():
+    from imgclf.config import parse_duration
+    assert [parse_duration(t) for t in ("300", "90s", "5m", "1.5h", 42)] == [300, 90, 300, 5400, 42]
+    assert TrainConfig.from_sources(overrides={"time_budget": "2m"}).time_budget == 120
+    for bad in ("5 minutes", "m", ""):
+        with pytest.raises(ImgclfError, match="duration"):
+            parse_duration(bad)
+    with pytest.raises(ImgclfError, match="time_budget"):
+        TrainConfig(time_budget=-1.0)
+    with pytest.raises(ImgclfError, match="val_every"):
+        TrainConfig(val_every=-1)
+    with pytest.raises(ImgclfError, match="tta"):
+        TrainConfig(tta="rotate")
 
 
 def test_photo_recipe_for_large_images():

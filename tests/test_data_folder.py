@@ -220,3 +220,22 @@ def test_channels_can_be_forced(image_tree):
     rgb = load(root, channels=3)
     assert rgb.channels == 3 and rgb.train.x.shape[-1] == 3
     assert (rgb.train.x[..., 0] == load(root).train.x[..., 0]).all()
+
+
+def test_script_without_main_guard_still_loads(image_tree, tmp_path):
+    """Worker processes re-run a script that has no `if __name__ == "__main__":` guard and die on start; the
+    decoder then finishes in the calling process, with a warning that says how to get the workers back."""
+    import subprocess
+    import sys
+
+    root = image_tree({"train/a": 7, "train/b": 6, "test/a": 2, "test/b": 3}, size=(9, 9))
+    script = tmp_path / "unguarded.py"
+    script.write_text("import imgclf.data.decode as d\nd.PARALLEL_MIN, d.CHUNK = 4, 3\n"
+                      "from imgclf import load_dataset\n"
+                      f"ds = load_dataset({str(root)!r}, progress=False)\n"
+                      "print('loaded', len(ds.train.y), len(ds.test.y))\n")
+    env = {**__import__("os").environ, "IMGCLF_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "loaded 13 5"
+    assert '__name__ == "__main__"' in proc.stderr

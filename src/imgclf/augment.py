@@ -53,6 +53,14 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) ->
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def alternating_flip(x: torch.Tensor, flip_bits: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Mirror the images whose bit (drawn once per training image) differs from the epoch's parity:
+    every image is seen mirrored every other epoch instead of at random, so two consecutive epochs
+    always show both views (Jordan 2024, arXiv 2404.00498, section 3.6). ``flip_bits``: the batch's bits."""
+    flip = flip_bits.to(x.device) ^ bool(epoch % 2)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """Zero one ``size`` x ``size`` square per image (all channels) at a uniformly random centre,
     clipped at the borders (DeVries & Taylor 2017). On normalised images zero is the dataset mean,
@@ -135,7 +143,7 @@ def _presets(image_size: int) -> dict[str, Augment]:
         # Keras RandomRotation(0.1)'s factor is a fraction of a full turn: +-36 degrees, not 10.
         return random_rotate_zoom(x, g, degrees=36.0, zoom=0.1)
 
-    def seed004_translate(x, g):
+    def small_translate(x, g):
         # A small shift (image_size // 16: 2px at 32) for the seed's slight translations.
         return random_translate(x, image_size // 16, g)
 
@@ -145,10 +153,16 @@ def _presets(image_size: int) -> dict[str, Augment]:
         "standard": _compose(translate, random_hflip),
         "strong": _compose(translate, random_hflip, lambda x, g: cutout(x, hole, g)),
         # Seed 004: Keras RandomFlip("horizontal"), RandomRotation(0.1), RandomZoom(0.1), then a small shift.
-        "seed004": _compose(random_hflip, seed004_rotate_zoom, seed004_translate),
+        "seed004": _compose(random_hflip, seed004_rotate_zoom, small_translate),
+        # The fast recipe: a small shift (2px at 32), plus a mirror image every other epoch, which the
+        # trainer applies (alternating_flip needs to know the epoch and which images are in the batch).
+        "fast": _compose(small_translate),
         # Photos (transfer learning): random-resized crop + flip, as ImageNet-style training does.
         "photo": _compose(random_resized_crop, random_hflip),
     }
+
+
+ALTERNATING_FLIP = {"fast"}  # presets whose flips the trainer applies with alternating_flip
 
 
 def list_presets() -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -37,8 +38,10 @@ class Format(str, Enum):
 def train(
     data: Optional[str] = typer.Option(None, help="Built-in name (cifar10), official archive/folder, or an image "
                                        "folder / .tar(.gz) / .zip of one (train/<class>/*, test/<class>/*)."),
-    recipe: Optional[str] = typer.Option(None, help="auto (photo for large images, else seed), seed or photo: "
-                                         "the defaults for every setting not given."),
+    recipe: Optional[str] = typer.Option(None, help="auto (photo for large images, else fast), fast, seed or "
+                                         "photo: the defaults for every setting not given."),
+    time_budget: Optional[str] = typer.Option(None, help="Finish, evaluated, within this time (e.g. 300, 90s, 5m, "
+                                              "1h): epochs and model width are planned from measured speed."),
     model: Optional[str] = typer.Option(None, help="Model name; see `imgclf models`."),
     pretrained: Optional[str] = typer.Option(None, help="imagenet (efficientnet-lite0), or none."),
     init_from: Optional[str] = typer.Option(None, help="Start from this run/checkpoint (new head if the "
@@ -50,18 +53,27 @@ def train(
                                                      help="Draw every class equally often."),
     epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
-    optimizer: Optional[str] = typer.Option(None, help="adam, adamw or sgd (Nesterov)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: adam 1e-3, sgd 0.05)."),
+    optimizer: Optional[str] = typer.Option(None, help="adam, adamw, sgd (Nesterov) or muon (filters; Nesterov "
+                                            "SGD for the rest)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: adam 1e-3, sgd 0.05, muon 0.24)."),
     momentum: Optional[float] = typer.Option(None, help="SGD momentum."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay."),
-    schedule: Optional[str] = typer.Option(None, help="constant, onecycle, cosine or plateau."),
+    schedule: Optional[str] = typer.Option(None, help="constant, onecycle, cosine, linear (decay to 0) or plateau."),
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing (0 = off)."),
-    augment: Optional[str] = typer.Option(None, help="Augmentation preset: none, flip, standard, strong, seed004."),
+    augment: Optional[str] = typer.Option(None, help="Augmentation preset: none, flip, standard, strong, seed004, "
+                                          "fast, photo."),
     patience: Optional[int] = typer.Option(None, help="Early stopping patience in epochs (0 = off)."),
     monitor: Optional[str] = typer.Option(None, help="val_loss or val_acc: picks the best epoch."),
     restore_best: Optional[bool] = typer.Option(None, "--restore-best/--no-restore-best",
                                                 help="End with the best epoch's weights."),
+    progressive: Optional[str] = typer.Option(None, help="Progressive resizing, e.g. 0.75:0.375,0.875:0.25 "
+                                              "(the first 37.5% of epochs at 0.75x the input size, the next 25% at "
+                                              "0.875x); none: off."),
     val_split: Optional[float] = typer.Option(None, help="Fraction of train held out for validation."),
+    val_every: Optional[int] = typer.Option(None, help="Validate every N epochs and after the last (0: only after "
+                                            "the last)."),
+    tta: Optional[str] = typer.Option(None, help="Test-time augmentation for the final test score: flip, "
+                                      "flip+translate or none."),
     test_split: Optional[float] = typer.Option(None, help="Fraction held out for test if the data has no test/."),
     fraction: Optional[float] = typer.Option(None, help="Train on this fraction of the training images "
                                              "(stratified, seeded), for quick runs."),
@@ -71,6 +83,8 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same run)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32 or bf16."),
+    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn", help="Several GPUs (torchrun): BatchNorm "
+                                           "statistics over the whole batch, not each process's share."),
     project: Optional[str] = typer.Option(None, help="Folder that holds run folders (default runs)."),
     name: Optional[str] = typer.Option(None, help="Run folder name (default <data>-<model>, auto-numbered)."),
     config: Optional[Path] = typer.Option(None, help="TOML/JSON config file; flags override it."),
@@ -78,10 +92,16 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ):
     """Train a model; prints one line per epoch and, last, the run folder's path."""
+    from .config import parse_duration
     from .train import train as train_fn
+    from .utils import process_age
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "progress", "train_fn")}
-    result = train_fn(config, resume=resume, progress=progress, **overrides)
+    overrides = {k: v for k, v in locals().items()
+                 if k not in ("config", "resume", "progress", "train_fn", "parse_duration", "process_age")}
+    overrides["time_budget"] = parse_duration(time_budget) if time_budget is not None else None
+    # a time budget covers the whole command, start-up and imports included
+    result = train_fn(config, resume=resume, progress=progress, started=time.monotonic() - process_age(),
+                      **overrides)
     if result.status == "interrupted":
         raise typer.Exit(130)
 

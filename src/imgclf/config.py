@@ -23,11 +23,13 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "onecycle", "plateau", "cosine")
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
+SCHEDULES = ("constant", "onecycle", "plateau", "cosine", "linear")
+TTA_MODES = ("flip", "flip+translate")
 PRECISIONS = ("auto", "fp32", "bf16")
 MONITORS = ("val_loss", "val_acc")
-DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05}  # Keras' Adam default; a safe SGD+Nesterov start
+DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05,  # Keras' Adam default; a safe SGD+Nesterov start
+              "muon": 0.24}  # Muon's filter step (see optim.py); its SGD groups scale with it
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,10 @@ class TrainConfig:
     skip_bad_images: bool = False       # skip (and list) unreadable images instead of stopping
     fraction: float = 1.0               # train on this fraction of the training images (stratified, seeded)
     # Settings left None are filled by the recipe (see recipes.py); a value given here always wins.
-    recipe: str = "auto"                # auto (photo for large images, else seed), seed, photo
-    augment: str | None = None          # augmentation preset: none, flip, standard, strong, seed004, photo
+    recipe: str = "auto"                # auto (photo for large images, else fast), fast, seed, photo
+    augment: str | None = None          # augmentation preset: none, flip, standard, strong, seed004, fast, photo
+    progressive: str | None = None      # progressive resizing "0.75:0.375,0.875:0.25": the first 37.5% of epochs
+                                        # at 0.75x the input size, the next 25% at 0.875x, the rest full; "none"
     # --- model
     model: str | None = None            # registry name (`imgclf models` lists them)
     pretrained: str | None = None       # "imagenet" weights for models that have them; "none" = from scratch
@@ -51,11 +55,11 @@ class TrainConfig:
     # --- optimisation
     epochs: int | None = None
     batch_size: int | None = None
-    optimizer: str | None = None        # adam (the seeds'), adamw, sgd (Nesterov momentum)
+    optimizer: str | None = None        # adam (the seeds'), adamw, sgd (Nesterov momentum), muon (+ Nesterov SGD)
     lr: float | None = None             # None = the recipe's, or the optimizer's default (adam 1e-3, sgd 0.05)
     momentum: float = 0.9               # SGD momentum
     weight_decay: float | None = None
-    schedule: str | None = None         # constant, onecycle, cosine, plateau (seed 004's ReduceLROnPlateau)
+    schedule: str | None = None         # constant, onecycle, cosine, linear (decay to 0), plateau (seed 004's)
     plateau_patience: int = 2           # epochs without improvement before plateau lowers the lr
     plateau_factor: float = 0.2         # lr multiplier on a plateau (Keras ReduceLROnPlateau-style)
     label_smoothing: float | None = None
@@ -65,11 +69,15 @@ class TrainConfig:
     monitor: str = "val_loss"           # what decides the best epoch and early stopping
     patience: int = 0                   # early stopping after this many epochs without improvement; 0 = off
     restore_best: bool = True           # end the run with the best epoch's weights (seed 004)
+    val_every: int | None = None        # validate every N epochs and after the last (0: only then); None: recipe's
+    tta: str | None = None              # test-time augmentation for the final test score: flip, flip+translate, none
+    time_budget: float | None = None    # seconds for the whole run (CLI: 300, 5m, 1h): plans epochs and width
     # --- run
     seed: int = 0
     device: str = "auto"                # auto, cpu, cuda, cuda:N
-    precision: str = "auto"             # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
+    precision: str = "auto"             # auto (bf16 where the device computes it natively and it pays), fp32, bf16
     channels_last: bool = True          # memory format for conv nets
+    sync_bn: bool = False               # several GPUs (torchrun): BatchNorm statistics over the whole batch
     eval_batch_size: int = 512
     project: str = "runs"               # parent folder of run folders
     name: str | None = None             # run folder name; None = "<dataset>-<model>", auto-numbered
@@ -80,7 +88,10 @@ class TrainConfig:
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("monitor", self.monitor, MONITORS)
+        _one_of("tta", self.tta, TTA_MODES + ("none",))
         _one_of("class_weights", self.class_weights, ("none", "auto"))
+        if self.val_every is not None and self.val_every < 0:
+            raise ImgclfError(f"val_every must be 0 (only after the last epoch) or more, got {self.val_every}")
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ImgclfError(f"{key} must be at least 1, got {getattr(self, key)}")
@@ -101,6 +112,10 @@ class TrainConfig:
             raise ImgclfError("patience, weight_decay and freeze_epochs must not be negative")
         if not 0.0 < self.backbone_lr_mult <= 1.0:
             raise ImgclfError(f"backbone_lr_mult must be in (0, 1], got {self.backbone_lr_mult}")
+        if self.progressive is not None:
+            progressive_sizes(self.progressive, 32, 1)  # raises on a malformed value
+        if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+            raise ImgclfError(f"time_budget must be a positive number of seconds, got {self.time_budget}")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ImgclfError(f"--name must be a plain folder name, got {self.name!r}")
 
@@ -113,6 +128,8 @@ class TrainConfig:
         if config_file is not None:
             values.update(_check_keys(read_config_file(config_file), f"config file {config_file}"))
         values.update(_check_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "arguments"))
+        if isinstance(values.get("time_budget"), str):  # "5m" in a config file or a keyword argument
+            values["time_budget"] = parse_duration(values["time_budget"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +145,48 @@ class TrainConfig:
             if value is not None:
                 lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
+
+
+def progressive_sizes(spec: str | None, image_size: int, epochs: int) -> list[int]:
+    """The input side for each epoch under a ``progressive`` spec: "0.75:0.375,0.875:0.25" = the first 37.5 % of
+    the epochs at 0.75x the size, the next 25 % at 0.875x, the rest at full size (None or "none": all full).
+    Shares, not epoch counts, so a shorter run (a time budget) keeps the same shape; an epoch takes the size
+    of the stretch its middle falls in, except the last, always at full size."""
+    stretches: list[tuple[float, float]] = []
+    if spec and spec != "none":
+        for part in spec.split(","):
+            try:
+                scale, share = (float(v) for v in part.split(":"))
+            except ValueError:
+                raise ImgclfError(f"progressive must look like 0.75:0.375,0.875:0.25 (scale:share of the epochs, "
+                                  f"...), got {spec!r}") from None
+            if not 0.25 <= scale <= 1.0 or not 0.0 <= share <= 1.0:
+                raise ImgclfError(f"progressive: scales must be in [0.25, 1] and shares in [0, 1], got {part!r}")
+            stretches.append((scale, share))
+        if sum(share for _, share in stretches) > 1.0:
+            raise ImgclfError(f"progressive: the shares add up to more than 1 in {spec!r}")
+    sizes = []
+    for epoch in range(epochs):
+        middle, end, scale = (epoch + 0.5) / epochs, 0.0, 1.0
+        for s, share in stretches:
+            end += share
+            if middle < end:
+                scale = s
+                break
+        sizes.append(max(8, round(image_size * scale / 2) * 2))
+    if sizes:
+        sizes[-1] = image_size  # the last epoch always sees what evaluation will: full-size images
+    return sizes
+
+
+def parse_duration(text: str | float) -> float:
+    """'300', '90s', '5m', '1.5h' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = str(text).strip().lower()
+    try:
+        return float(raw[:-1]) * units[raw[-1]] if raw[-1:] in units else float(raw)
+    except ValueError:
+        raise ImgclfError(f"cannot read {text!r} as a duration: write seconds (300) or 90s, 5m, 1h") from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import TTA_MODES
 from .data.tensors import Normalizer, to_tensor
 from .errors import ImgclfError
 from .utils import atomic_write_text
@@ -76,7 +77,6 @@ def metrics_from_logits(logits: torch.Tensor, y: torch.Tensor, classes: list[str
 # "On Calibration of Modern Neural Networks", so figures compare with the literature.
 ECE_BINS = 15
 MOST_CONFUSED = 10          # pairs listed in the report
-TTA_MODES = ("flip", "flip+translate")
 TTA_SHIFT = 2               # pixels a translated copy moves (1/16 of a CIFAR image)
 
 
@@ -298,8 +298,8 @@ def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     if mode == "flip+translate":
         h, w = x.shape[2], x.shape[3]
         for d in (TTA_SHIFT, -TTA_SHIFT):
-            rows = (torch.arange(h) - d).clamp(0, h - 1)
-            cols = (torch.arange(w) - d).clamp(0, w - 1)
+            rows = (torch.arange(h, device=x.device) - d).clamp(0, h - 1)
+            cols = (torch.arange(w, device=x.device) - d).clamp(0, w - 1)
             views += [v.index_select(2, rows).index_select(3, cols) for v in (x, x.flip(3))]
     return views
 
@@ -308,7 +308,7 @@ def tta_metrics(clf: Any, x: torch.Tensor, y: np.ndarray, mode: str, *, batch_si
                 plain_top1: float) -> dict[str, Any]:
     """Top-1 and loss of the softmax averaged over :func:`tta_views`, next to the plain top-1."""
     views = tta_views(x, mode)
-    probs = sum(torch.softmax(clf.logits(v, batch_size=batch_size), dim=1) for v in views) / len(views)
+    probs = sum(torch.softmax(clf.logits(v, batch_size=batch_size), dim=1).cpu() for v in views) / len(views)
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.int64)
     top1 = (probs.argmax(1) == y_t).float().mean().item()
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), y_t).item()

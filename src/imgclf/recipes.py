@@ -4,8 +4,9 @@
 
 A setting left as None in :class:`~imgclf.config.TrainConfig` is the recipe's to fill; one the user gave
 always wins. ``recipe="auto"`` picks ``photo`` (an ImageNet-pretrained EfficientNet-Lite0, fine-tuned) for
-a folder of photos, i.e. images larger than 64 px, and ``seed`` (the seed notebooks' CNN and schedule)
-for CIFAR/MNIST-sized data. The user's config is never changed: the resolved one is a new object, and
+a folder of photos, i.e. images larger than 64 px, and ``fast`` (FastNet trained from scratch with the
+speed record's methods, tuned for a CPU) for CIFAR/MNIST-sized data. ``seed`` is the seed notebooks' CNN
+and schedule, one flag away. The user's config is never changed: the resolved one is a new object, and
 the run records both.
 """
 from __future__ import annotations
@@ -15,8 +16,17 @@ import dataclasses
 from .config import DEFAULT_LR, TrainConfig
 from .data.probe import probe_image_side
 from .errors import ImgclfError
+from .models.fastnet import VARIANTS as FASTNET_VARIANTS
 
 RECIPES: dict[str, dict] = {
+    # CIFAR-sized data from scratch, fast: FastNet (patch whitening, BatchNorm/GELU conv groups), Muon for the
+    # filters and Nesterov SGD for the rest, linear decay to 0, label smoothing 0.2, 2px shifts and alternating
+    # flips, progressive resizing (24px for 3 epochs, 28px for 2, then 32px: early epochs learn coarse features
+    # as well at ~60% of the cost), validation only at the end (the schedule is fixed, so no epoch is "best" before the last), and
+    # flip+translate test-time augmentation. See benchmarks/cifar10_record.py for the measurements.
+    "fast": {"model": "fastnet", "epochs": 8, "batch_size": 1000, "optimizer": "muon", "lr": 0.24,
+             "schedule": "linear", "label_smoothing": 0.2, "augment": "fast", "weight_decay": 2e-6,
+             "freeze_epochs": 0, "val_every": 0, "tta": "flip+translate", "progressive": "0.75:0.375,0.875:0.25"},
     # The seeds' Keras recipe: their CNN, Adam 1e-3, batch 64, 10 epochs, no augmentation.
     "seed": {"model": "seed-cnn", "epochs": 10, "batch_size": 64, "optimizer": "adam", "lr": 1e-3,
              "schedule": "constant", "label_smoothing": 0.0, "augment": "none", "weight_decay": 0.0,
@@ -27,6 +37,9 @@ RECIPES: dict[str, dict] = {
               "batch_size": 32, "optimizer": "adamw", "lr": 2e-3, "schedule": "onecycle",
               "label_smoothing": 0.1, "augment": "photo", "weight_decay": 0.01},
 }
+# The fast recipe's optimizer settings are FastNet's (Muon at rates that BatchNorm after every conv makes
+# safe); another model under it gets the robust Keras default instead, with the rest of the recipe.
+FAST_OTHER_MODEL = {"optimizer": "adam", "lr": 1e-3, "batch_size": 128, "weight_decay": 0.0, "progressive": "none"}
 PHOTO_MIN_SIDE = 64      # images larger than this are "photos"
 PHOTO_MAX_SIDE = 160     # input side for photos: EfficientNet's accuracy keeps most of its 224px value at a
                          # half of its CPU cost (cost grows with the square of the side)
@@ -40,14 +53,21 @@ def resolve(cfg: TrainConfig, native_side: int | None = None) -> tuple[TrainConf
         native_side = probe_image_side(cfg.data)
     if name == "auto":
         photo = native_side is not None and native_side > PHOTO_MIN_SIDE and cfg.init_from is None
-        name = "photo" if photo else "seed"
+        name = "photo" if photo else "fast"
         why.append(f"recipe {name}: " + (f"images of about {native_side}px look like photos, so an ImageNet-"
                                          "pretrained backbone is fine-tuned" if photo else
-                                         f"{native_side or 'small'}px images: the seed CNN recipe"))
+                                         f"{native_side or 'small'}px images: FastNet from scratch "
+                                         "(--recipe seed for the seed notebooks' CNN)"))
     if name not in RECIPES:
         raise ImgclfError(f"unknown recipe {name!r}; choose from auto, {', '.join(RECIPES)}")
-    fill = {k: v for k, v in RECIPES[name].items() if getattr(cfg, k) is None}
-    if cfg.lr is None and cfg.optimizer is not None and cfg.optimizer != RECIPES[name]["optimizer"]:
+    defaults = dict(RECIPES[name])
+    if name == "fast" and cfg.model is not None and cfg.model not in FASTNET_VARIANTS:
+        defaults.update(FAST_OTHER_MODEL)
+        if cfg.optimizer is None:
+            why.append(f"{cfg.model} is not a FastNet: Adam lr 1e-3, batch 128 instead of the fast recipe's "
+                       "Muon settings")
+    fill = {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+    if cfg.lr is None and cfg.optimizer is not None and cfg.optimizer != defaults["optimizer"]:
         fill["lr"] = DEFAULT_LR[cfg.optimizer]  # the recipe's lr was tuned for its own optimizer
     if name == "photo" and cfg.image_size is None and native_side:
         side = max(PHOTO_MIN_SIDE, min(PHOTO_MAX_SIDE, native_side // 16 * 16))

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -29,20 +30,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__
-from .augment import build_augment
+from . import __version__, distributed
+from .augment import ALTERNATING_FLIP, alternating_flip, build_augment
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import DEFAULT_LR, TrainConfig, progressive_sizes
 from .data import BUILTINS, Dataset, Preprocess, Split, load_dataset
 from .data.split import stratified_split
 from .data.tensors import Normalizer, channel_stats, to_tensor
 from .errors import ImgclfError
-from .evaluate import autocast_context, evaluation_from_logits, metrics_from_logits, predict_logits
+from .evaluate import (autocast_context, evaluation_from_logits, metrics_from_logits, predict_logits, tta_metrics,
+                       tta_views)
 from .models import create_model, model_info
+from .optim import Muon
+from .budget import FIXED_END_SECONDS, Speed, plan_budget
+from .models.fastnet import VARIANTS as FASTNET_VARIANTS
 from .recipes import resolve
-from .utils import atomic_write_text, resolve_device
+from .utils import atomic_write_text, native_bf16, resolve_device
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+INIT_SAMPLE = 5000  # training images a model's data-dependent init looks at
 # Settings a resumed run may change; everything else must match the run's config to resume exactly.
 RESUMABLE_OVERRIDES = {"epochs", "device", "eval_batch_size", "patience"}
 
@@ -73,11 +79,12 @@ class TrainResult:
 
 
 def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks: list[Callback] = (),
-          progress: bool = True, **overrides: Any) -> TrainResult:
+          progress: bool = True, started: float | None = None, **overrides: Any) -> TrainResult:
     """Train from a config file and/or keyword settings (the fields of :class:`TrainConfig`), or resume.
 
     With ``resume=RUN_FOLDER`` the run's own ``config.toml`` is used; only ``epochs`` (to train longer),
-    ``device``, ``eval_batch_size`` and ``patience`` may be changed."""
+    ``device``, ``eval_batch_size`` and ``patience`` may be changed. ``time_budget`` counts from ``started``
+    (a ``time.monotonic()`` value; default: this call; the ``imgclf`` command passes its process start)."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.toml").is_file() or not (run_dir / "last.safetensors").is_file():
@@ -89,28 +96,34 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
             raise ImgclfError(f"--resume continues the run as configured; cannot change {', '.join(bad)} "
                               f"(only {', '.join(sorted(RESUMABLE_OVERRIDES))} may change)")
         cfg = TrainConfig.from_sources(run_dir / "config.toml", overrides)
-        return Trainer(cfg, callbacks=callbacks, progress=progress, resume_dir=run_dir).run()
+        with distributed.process_group(cfg.device):  # several processes when torchrun started them
+            return Trainer(cfg, callbacks=callbacks, progress=progress, resume_dir=run_dir, started=started).run()
     cfg = TrainConfig.from_sources(config, overrides)
-    return Trainer(cfg, callbacks=callbacks, progress=progress).run()
+    with distributed.process_group(cfg.device):  # several processes when torchrun started them
+        return Trainer(cfg, callbacks=callbacks, progress=progress, started=started).run()
 
 
 class Trainer:
     """Holds the state of one run. Build with a config, call :meth:`run` once."""
 
     def __init__(self, cfg: TrainConfig, callbacks: list[Callback] = (), progress: bool = True,
-                 resume_dir: Path | None = None):
+                 resume_dir: Path | None = None, started: float | None = None):
         self.cfg = cfg
         self.callbacks = list(callbacks)
-        self.progress = progress
+        self.world = distributed.current()  # rank 0 of 1 unless torchrun started several processes
+        self.progress = progress and self.world.is_main
         self.resume_dir = resume_dir
         self.stop_requested = False
+        self.budget_end_seconds: float | None = None  # with --time-budget: what the end (evaluation, files) needs
+        self.started = time.monotonic() if started is None else started  # the time budget's clock
         self.notes: list[str] = []
 
     def request_stop(self) -> None:
         self.stop_requested = True
 
     def log(self, msg: str) -> None:
-        tqdm.write(msg, file=sys.stdout)
+        if self.world.is_main:  # one voice for the whole job
+            tqdm.write(msg, file=sys.stdout)
 
     # ------------------------------------------------------------------ setup
     def run(self) -> TrainResult:
@@ -123,11 +136,11 @@ class Trainer:
             self._check_init_from(init)
         # every setting the user left to the recipe is filled here, once; the resolved config is what
         # config.toml records, so a resume (or --config) repeats exactly this run
+        user_cfg = self.cfg
         self.cfg, why = resolve(self.cfg)
         self.notes += why
         cfg = self.cfg
-        self.device = resolve_device(cfg.device)
-        self.autocast_dtype = _autocast_dtype(cfg.precision, self.device)
+        self.device = self.world.local_device(resolve_device(cfg.device))  # cuda: this process's own GPU
 
         # Fail fast on a misspelt model or preset, before minutes of decoding.
         model_info(cfg.model)
@@ -137,9 +150,10 @@ class Trainer:
         if fixed is not None:  # the checkpoint fixes what its first layers expect
             image_size = image_size or fixed.meta["preprocess"]["image_size"]
             channels = fixed.meta["preprocess"]["channels"]
-        ds = load_dataset(cfg.data, image_size=image_size, channels=channels, val_split=cfg.val_split,
-                          test_split=cfg.test_split, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
-                          progress=self.progress)
+        with self.world.local_main_first():  # several processes: one decodes into the cache, the rest load it
+            ds = load_dataset(cfg.data, image_size=image_size, channels=channels, val_split=cfg.val_split,
+                              test_split=cfg.test_split, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
+                              progress=self.progress)
         if cfg.fraction < 1.0:
             _, keep = stratified_split(ds.train.y, cfg.fraction, np.random.default_rng(cfg.seed))
             ds.train = Split(ds.train.x[keep], ds.train.y[keep])
@@ -150,6 +164,11 @@ class Trainer:
         if ds.skipped:
             self.notes.append(f"skipped {len(ds.skipped)} unreadable image(s); listed in run.json")
         val, val_name = self._choose_validation(ds)
+        if cfg.time_budget is not None and resume_ckpt is None:  # rank 0 plans, every process follows
+            self.cfg, self.budget_end_seconds, why = self.world.from_main(
+                lambda: self._plan_time_budget(user_cfg, ds, val))
+            cfg = self.cfg
+            self.notes += why
 
         if resume_ckpt is not None and list(resume_ckpt.meta["classes"]) != ds.classes:
             raise ImgclfError(f"cannot resume: the data's classes changed since the run started ({ds.source})")
@@ -158,12 +177,19 @@ class Trainer:
         model = self._build_model(ds, init, resume_ckpt)
         self.preprocess = self._choose_preprocess(ds, model, init, resume_ckpt)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if getattr(model, "fixed_input_size", False) and len(set(progressive_sizes(cfg.progressive, ds.image_size,
+                                                                                    cfg.epochs))) > 1:
+            raise ImgclfError(f"{cfg.model} takes one input size only (its dense layer is sized for it): "
+                              "drop --progressive or pass --progressive none")
+        self.autocast_dtype = _autocast_dtype(cfg.precision, self.device, model)
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.normalizer = Normalizer(self.preprocess.mean, self.preprocess.std, self.device)
         self.augment = build_augment(cfg.augment, ds.image_size)
         self.x_train = to_tensor(ds.train.x, self.device)
         self.y_train = torch.from_numpy(ds.train.y).to(self.device)
         self.val = None if val is None else (to_tensor(val.x, self.device), torch.from_numpy(val.y))
+        if resume_ckpt is None and init is None and not (cfg.pretrained and cfg.pretrained != "none"):
+            self._init_from_data()
         self.steps_per_epoch = _steps_per_epoch(len(self.y_train), cfg.batch_size)
         counts = torch.bincount(self.y_train, minlength=len(ds.classes)).float()
         # inverse-frequency weights, normalised so a balanced dataset gets all ones
@@ -175,7 +201,10 @@ class Trainer:
         self.optimizer = _build_optimizer(cfg, self.model, cfg.backbone_lr_mult if self.fine_tuning else 1.0)
         self.scheduler = _build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
 
-        self.run_dir = self.resume_dir or _new_run_dir(Path(cfg.project), cfg.name or f"{ds.name}-{cfg.model}")
+        self.notes += self.world.notes(self.model, cfg.batch_size, cfg.sync_bn, self.device)
+        # rank 0 picks (and creates) the run folder; the other processes are told its name
+        self.run_dir = self.resume_dir or self.world.from_main(
+            lambda: _new_run_dir(Path(cfg.project), cfg.name or f"{ds.name}-{cfg.model}"))
         params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         prec = "bf16 autocast" if self.autocast_dtype else "fp32"
         self.log(f"data   {ds.source}: {len(ds.train.y):,} train, {_n(ds.val):,} val, {_n(ds.test):,} test; "
@@ -185,12 +214,13 @@ class Trainer:
                  f"initialised from {cfg.init_from}" if init is not None else "from scratch")
         freeze = f", first {cfg.freeze_epochs} head-only" if cfg.freeze_epochs else ""
         self.log(f"model  {cfg.model} ({start}): {params:,} parameters; {cfg.optimizer} lr {cfg.resolved_lr():g}"
-                 f" ({cfg.schedule}), batch {cfg.batch_size}, {cfg.epochs} epochs{freeze}, augment {cfg.augment}; "
+                 f" ({cfg.schedule}), batch {cfg.batch_size}, {cfg.epochs} epochs{freeze}, augment {cfg.augment}"
+                 f"{_progressive_note(cfg, ds.image_size)}; "
                  f"{self.device} {prec}")
         self.log(f"valid  {val_name}")
         for note in self.notes:
             self.log(f"note   {note}")
-        if self.resume_dir is None:
+        if self.resume_dir is None and self.world.is_main:
             atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())  # the resolved config
         self._write_run_json("running")
 
@@ -226,6 +256,63 @@ class Trainer:
                              pretrained=pretrained)
         self.notes += getattr(model, "pretrained_notes", [])
         return model
+
+    def _plan_time_budget(self, user_cfg: TrainConfig, ds: Dataset, val) -> tuple[TrainConfig, float, list[str]]:
+        """Measure each candidate model's speed here for a step or two, then let budget.plan_budget choose the
+        model (when the recipe chose it: FastNet's widths), the epochs and whether TTA fits."""
+        cfg = self.cfg
+        if user_cfg.model is None and cfg.model in FASTNET_VARIANTS:
+            names = list(FASTNET_VARIANTS)
+        else:
+            names = [cfg.model]
+        speeds = [self._measure_speed(name, ds) for name in names]
+        n_eval = (0 if val is None or (cfg.val_every == 0) else len(val.y)) + _n(ds.test)
+        tta = None if cfg.tta == "none" else cfg.tta
+        views = len(tta_views(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), tta)) if tta else 0
+        plan = plan_budget(cfg.time_budget - self._elapsed(), len(ds.train.y), n_eval, speeds,
+                           max_epochs=cfg.epochs, tta=tta, tta_views=views)
+        return (dataclasses.replace(cfg, model=plan.model, epochs=plan.epochs, tta=plan.tta or "none"),
+                plan.eval_seconds + FIXED_END_SECONDS, plan.why)
+
+    def _measure_speed(self, name: str, ds: Dataset) -> Speed:
+        """Training and inference images/s of model ``name`` on a real batch: one warm-up step (kernel
+        selection, allocations), then one timed step; the global RNG is left as it was."""
+        cfg = self.cfg
+        bs, ebs = min(cfg.batch_size, len(ds.train.y)), min(cfg.eval_batch_size, len(ds.train.y))
+        with torch.random.fork_rng(devices=[]):
+            model = create_model(name, num_classes=len(ds.classes), in_channels=ds.channels,
+                                 image_size=ds.image_size).to(self.device, memory_format=torch.channels_last)
+            dtype = _autocast_dtype(cfg.precision, self.device, model)
+            opt = _build_optimizer(dataclasses.replace(cfg, model=name), model)
+            norm = Normalizer(*channel_stats(ds.train.x[:1000]), self.device)
+            x = norm(to_tensor(ds.train.x[:max(bs, ebs)], self.device)).contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(ds.train.y[:bs]).to(self.device)
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                with autocast_context(self.device, dtype):
+                    loss = F.cross_entropy(model(x[:bs]).float(), y)
+                _scaled_backward(loss, bs, model)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                _sync(self.device)
+                times.append(time.perf_counter() - t0)
+            model.eval()
+            with torch.no_grad(), autocast_context(self.device, dtype):
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    model(x[:ebs])
+                    _sync(self.device)
+                    eval_s = time.perf_counter() - t0
+        return Speed(name, train_ips=bs / times[-1], eval_ips=ebs / eval_s)
+
+    @torch.no_grad()
+    def _init_from_data(self) -> None:
+        """Let the model set data-dependent layers (FastNet's patch whitening) from a seeded sample of the
+        normalised training images; models without such layers ignore it."""
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        pick = torch.randperm(len(self.y_train), generator=g)[:INIT_SAMPLE].to(self.device)
+        self.model.init_from_data(self.normalizer(self.x_train[pick]))
 
     def _choose_preprocess(self, ds: Dataset, model, init, resume_ckpt) -> Preprocess:
         """The normalisation the model will always see: a resumed run's own (never re-derived), the one
@@ -266,6 +353,9 @@ class Trainer:
         cfg = self.cfg
         self.g_shuffle = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.g_augment = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        # which images start mirrored under alternating flips: fixed by the seed, so nothing to save
+        self.flip_bits = (torch.rand(len(self.y_train), generator=torch.Generator().manual_seed(cfg.seed + 2)) < 0.5
+                          if cfg.augment in ALTERNATING_FLIP else None)
         state = {"epoch": 0, "step": 0, "sums": [0.0, 0, 0], "best_score": None, "best_epoch": None,
                  "bad_epochs": 0, "history": [], "shuffle_state": self.g_shuffle.get_state()}
         if ckpt is None:
@@ -291,6 +381,7 @@ class Trainer:
     def _fit(self, state: dict[str, Any]) -> str:
         cfg, model, opt = self.cfg, self.model, self.optimizer
         n, bs = len(self.y_train), cfg.batch_size
+        train_model = self.world.wrap(model, cfg.sync_bn)  # DDP over several processes; `model` stays bare
         with _stop_on_sigint(self):
             while state["epoch"] < cfg.epochs:
                 epoch = state["epoch"]
@@ -303,6 +394,7 @@ class Trainer:
                     perm = torch.randperm(n, generator=self.g_shuffle)
                 perm = perm.to(self.device)
                 frozen = epoch < (cfg.freeze_epochs or 0)
+                sizes = progressive_sizes(cfg.progressive, self.ds.image_size, cfg.epochs)
                 if frozen and self.features is None:
                     self.features = self._backbone_features()
                 elif not frozen:
@@ -312,10 +404,14 @@ class Trainer:
                 desc = f"epoch {epoch + 1}/{cfg.epochs}" + (" head" if frozen else "")
                 bar = tqdm(total=self.steps_per_epoch, initial=state["step"], desc=desc, unit="step",
                            disable=not self.progress, leave=False, dynamic_ncols=True, file=sys.stderr)
-                loss_sum, correct, seen = state["sums"]
+                # several processes each sum their own images; rank 0 carries the figures from before a resume
+                loss_sum, correct, seen = state["sums"] if self.world.is_main else [0.0, 0, 0]
                 seen_at_start = seen
                 for step in range(state["step"], self.steps_per_epoch):
                     idx = perm[step * bs:(step + 1) * bs]
+                    share = self.world.share(idx, self.y_train, self.loss_weight, cfg.seed, epoch, step)
+                    if share is not None:  # several processes: this one's images of the global batch
+                        idx = share.idx
                     yb = self.y_train[idx]
                     # 2. normalise and augment the whole batch on the device (head-only epochs read the
                     #    cached features of the un-augmented images instead: the backbone is frozen)
@@ -323,21 +419,34 @@ class Trainer:
                         if frozen:
                             logits = model.forward_head(self.features[idx])
                         else:
-                            xb = self.normalizer(self.x_train[idx]).contiguous(memory_format=self.memory_format)
-                            logits = model(self.augment(xb, self.g_augment))
+                            xb = self.normalizer(self.x_train[idx])
+                            if self.flip_bits is not None:
+                                xb = alternating_flip(xb, self.flip_bits[idx.cpu()], epoch)
+                            g = self.g_augment if share is None else share.generator
+                            xb = self.augment(xb, g)
+                            if sizes[epoch] != xb.shape[-1]:  # progressive resizing: a smaller input early on
+                                xb = F.interpolate(xb, size=(sizes[epoch], sizes[epoch]), mode="bilinear",
+                                                   antialias=True, align_corners=False)
+                            xb = xb.contiguous(memory_format=self.memory_format)
+                            logits = train_model(xb)
                         # 3. one optimisation step
                         loss = F.cross_entropy(logits.float(), yb, weight=self.loss_weight,
-                                               label_smoothing=cfg.label_smoothing)
+                                               label_smoothing=cfg.label_smoothing,
+                                               reduction="mean" if share is None else "sum")
+                        if share is not None:  # so that DDP's mean over processes is the global batch's mean
+                            loss = loss * share.loss_scale
                     if not torch.isfinite(loss):
                         raise ImgclfError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                                           "lower the learning rate (--lr) or check the data")
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    _scaled_backward(loss, cfg.batch_size, model)
+                    if frozen:  # head-only steps bypass DDP: average the head's gradients by hand
+                        self.world.average_grads(model)
                     opt.step()
                     if self.scheduler is not None and cfg.schedule != "plateau":
                         self.scheduler.step()
                     # 4. running figures for the bar (one .item() per step is cheap next to the step)
-                    loss_sum += loss.item() * len(yb)
+                    loss_sum += loss.item() * (len(yb) if share is None else share.loss_count)
                     correct += int((logits.argmax(1) == yb).sum())
                     seen += len(yb)
                     state["step"], state["sums"] = step + 1, [loss_sum, correct, seen]
@@ -348,24 +457,56 @@ class Trainer:
                                         img_s=f"{ips:.0f}", refresh=False)
                     for cb in self.callbacks:
                         cb.on_step_end(self, epoch, step, loss.item())
-                    if self.stop_requested and step + 1 < self.steps_per_epoch:
+                    if self.world.any(self.stop_requested) and step + 1 < self.steps_per_epoch:
                         bar.close()
+                        state["sums"] = self.world.sum(state["sums"])  # the whole job's figures
                         self._save_last(state)
                         return "interrupted"
+                    if (self.budget_end_seconds is not None and step + 1 < self.steps_per_epoch
+                            and self.world.any(self._seconds_left() < 0)):
+                        self.log("time budget: ending this epoch early to leave time for the final evaluation")
+                        self.cfg = cfg = dataclasses.replace(cfg, epochs=epoch + 1)
+                        break
                 bar.close()
                 seconds = time.perf_counter() - t0
+                loss_sum, correct, seen = self.world.sum([loss_sum, correct, seen])  # over the processes
 
                 # 5. validate, record, checkpoint
                 row = self._end_epoch(state, epoch, loss_sum / seen, correct / seen, seconds)
+                if self.budget_end_seconds is not None:
+                    self.cfg = cfg = self.world.from_main(lambda: self._replan(state, time.perf_counter() - t0))
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, row)
                 if cfg.patience and state["bad_epochs"] >= cfg.patience:
                     self.log(f"early stopping: {cfg.monitor} has not improved for {cfg.patience} epochs "
                              f"(best epoch {state['best_epoch']})")
                     return "early-stopped"
-                if self.stop_requested:
+                if self.world.any(self.stop_requested):
                     return "interrupted"
         return "finished"
+
+    def _seconds_left(self) -> float:
+        """Of the time budget, what is left once the final evaluation and files are paid for."""
+        return self.cfg.time_budget - self._elapsed() - self.budget_end_seconds
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def _replan(self, state: dict[str, Any], epoch_seconds: float) -> TrainConfig:
+        """After an epoch: if the epochs left will not fit at this epoch's pace, plan fewer and make the
+        linear schedule reach 0 at the new end (a slower machine than measured, or a busy one)."""
+        cfg, done = self.cfg, state["epoch"]
+        fit = done + max(0, math.floor(self._seconds_left() / epoch_seconds))
+        if fit >= cfg.epochs:
+            return cfg
+        self.log(f"time budget: epochs take {epoch_seconds:.0f}s here, so the run ends after epoch {max(fit, done)} "
+                 f"instead of {cfg.epochs}" + ("; the lr schedule is shortened to match" if cfg.schedule == "linear"
+                                              else ""))
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            for fn in self.scheduler.lr_lambdas:
+                if isinstance(fn, LinearDecay):
+                    fn.total = max(fit, done + 1) * self.steps_per_epoch
+        return dataclasses.replace(cfg, epochs=max(fit, done))
 
     @torch.no_grad()
     def _backbone_features(self) -> torch.Tensor:
@@ -385,23 +526,31 @@ class Trainer:
 
     def _end_epoch(self, state, epoch: int, train_loss: float, train_acc: float, seconds: float) -> dict:
         cfg = self.cfg
-        if self.val is not None:
-            logits = predict_logits(self.model, self.val[0], self.normalizer, batch_size=cfg.eval_batch_size,
-                                    autocast_dtype=self.autocast_dtype, channels_last=cfg.channels_last)
+        every = 1 if cfg.val_every is None else cfg.val_every
+        validate = self.val is not None and (epoch + 1 >= cfg.epochs or (every > 0 and (epoch + 1) % every == 0))
+        if validate:
+            # several processes: each scores a slice, every one gets all the logits (and so the same metrics)
+            logits = self.world.predict_logits(self.model, self.val[0], self.normalizer,
+                                               batch_size=cfg.eval_batch_size, autocast_dtype=self.autocast_dtype,
+                                               channels_last=cfg.channels_last)
             m = metrics_from_logits(logits, self.val[1], self.ds.classes)
             val_loss, val_acc = m["loss"], m["top1"]
         else:
             val_loss, val_acc = float("nan"), float("nan")
-        lr = self.optimizer.param_groups[-1]["lr"]  # the head's: the backbone's is lower when fine-tuning
+        # the head's lr (the backbone's is lower when fine-tuning); with Muon the filters' (its SGD groups'
+        # rates are per-example figures times the batch size, not comparable with other optimizers')
+        lr = self.optimizer.param_groups[0 if cfg.optimizer == "muon" else -1]["lr"]
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                "val_acc": val_acc, "lr": lr, "seconds": seconds}
         score = {"val_loss": val_loss, "val_acc": val_acc}[cfg.monitor] if self.val is not None else train_loss
         lower_is_better = cfg.monitor == "val_loss" or self.val is None
-        if self.scheduler is not None and cfg.schedule == "plateau":
+        if self.scheduler is not None and cfg.schedule == "plateau" and (validate or self.val is None):
             self.scheduler.step(score)
         improved = state["best_score"] is None or (score < state["best_score"] if lower_is_better
                                                    else score > state["best_score"])
-        if improved:
+        if self.val is not None and not validate:
+            improved = False  # not scored this epoch (--val-every): neither better nor worse
+        elif improved:
             state["best_score"], state["best_epoch"], state["bad_epochs"] = score, epoch + 1, 0
         else:
             state["bad_epochs"] += 1
@@ -410,11 +559,13 @@ class Trainer:
         state["shuffle_state"] = self.g_shuffle.get_state()
         # `last` first: if we crash between the two writes, resume still finds a consistent state.
         self._save_last(state)
-        if improved:
-            save_checkpoint(self.run_dir / "best.safetensors", self.model, self._meta("best", state, row))
-        _write_metrics_csv(self.run_dir / "metrics.csv", state["history"])
+        if self.world.is_main:  # one process writes the run folder
+            if improved:
+                save_checkpoint(self.run_dir / "best.safetensors", self.model, self._meta("best", state, row))
+            _write_metrics_csv(self.run_dir / "metrics.csv", state["history"])
         mark = " *" if improved else ""
-        val_txt = f"val loss {val_loss:.4f} acc {val_acc:.2%}" if self.val is not None else "no val"
+        val_txt = (f"val loss {val_loss:.4f} acc {val_acc:.2%}" if validate else
+                   "no val" if self.val is None else "val skipped (--val-every)")
         self.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.2%}  {val_txt}  "
                  f"lr {lr:.3g}  {seconds:.1f}s  {len(self.y_train) / seconds:.0f} img/s{mark}")
         return row
@@ -440,6 +591,8 @@ class Trainer:
         }
 
     def _save_last(self, state: dict[str, Any]) -> None:
+        if not self.world.is_main:  # one process writes the run folder
+            return
         rng = {"torch": torch.get_rng_state(), "shuffle": state["shuffle_state"], "augment": self.g_augment.get_state(),
                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         train_state = {
@@ -451,6 +604,8 @@ class Trainer:
         save_checkpoint(self.run_dir / "last.safetensors", self.model, self._meta("last", state), train_state)
 
     def _write_run_json(self, status: str, **extra: Any) -> None:
+        if not self.world.is_main:  # one process writes the run folder
+            return
         ds = self.ds
         info = {
             "status": status,
@@ -458,6 +613,7 @@ class Trainer:
             "python": platform.python_version(), "platform": platform.platform(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device": str(self.device), "precision": "bf16" if self.autocast_dtype else "fp32",
+            "processes": self.world.size,
             "lr": self.cfg.resolved_lr(), "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
             "data": {"source": ds.source, "name": ds.name, "classes": ds.classes, "channels": ds.channels,
                      "image_size": ds.image_size, "train": len(ds.train.y), "val": _n(ds.val), "test": _n(ds.test),
@@ -468,6 +624,9 @@ class Trainer:
         atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2, default=str) + "\n")
 
     def _finish(self, state: dict[str, Any], status: str) -> TrainResult:
+        if not self.world.is_main:  # rank 0 alone tests the final model, writes the report, prints the folder
+            return TrainResult(run_dir=self.run_dir, status=status, epochs_done=state["epoch"],
+                               best_epoch=state["best_epoch"], history=state["history"], notes=self.notes)
         cfg = self.cfg
         test_metrics = evaluation = None
         if status == "interrupted":
@@ -480,7 +639,7 @@ class Trainer:
                 # restore-best holds whether or not early stopping triggered
                 best = load_checkpoint(best_path)
                 self.model.load_state_dict({k: v.to(self.device) for k, v in best.state_dict.items()})
-            elif not cfg.restore_best:
+            else:  # asked for the last weights, or no epoch was ever scored (--val-every 0 cut short)
                 final = "last"
             if self.ds.test is not None:
                 logits = predict_logits(self.model, to_tensor(self.ds.test.x, self.device), self.normalizer,
@@ -496,6 +655,10 @@ class Trainer:
                 m["weights"] = f"{final} (epoch {state['best_epoch'] if final == 'best' else state['epoch']})"
                 self.log(f"test   loss {m['loss']:.4f}  top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  "
                          f"on {m['n']:,} images ({m['weights']})")
+                if cfg.tta not in (None, "none"):
+                    m["tta"] = evaluation.metrics["tta"] = self._test_tta(m["top1"])
+                    self.log(f"test   top-1 {m['tta']['top1']:.2%} with test-time augmentation "
+                             f"({cfg.tta}, {m['tta']['views']} views)")
             # the deliverable checkpoint carries its final metrics
             target = self.run_dir / f"{final}.safetensors"
             if final == "best" and target.is_file():
@@ -512,6 +675,15 @@ class Trainer:
                            best_epoch=state["best_epoch"], history=state["history"], test_metrics=test_metrics,
                            notes=self.notes)
 
+    def _test_tta(self, plain_top1: float) -> dict[str, Any]:
+        """TTA top-1 on the test split, through the same batched, normalised forward pass."""
+        cfg = self.cfg
+        scorer = SimpleNamespace(logits=lambda v, batch_size: predict_logits(
+            self.model, v, self.normalizer, batch_size=batch_size, autocast_dtype=self.autocast_dtype,
+            channels_last=cfg.channels_last))
+        return tta_metrics(scorer, to_tensor(self.ds.test.x, self.device), self.ds.test.y, cfg.tta,
+                           batch_size=cfg.eval_batch_size, plain_top1=plain_top1)
+
     def _write_report(self, evaluation) -> None:
         """Plots + report.html; a failure here must never cost the run, so it only warns."""
         from .report import write_report
@@ -525,10 +697,38 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+def _autocast_dtype(precision: str, device: torch.device, model: torch.nn.Module) -> torch.dtype | None:
+    """bf16 autocast when asked for; with "auto", where the device computes bf16 natively and (on a CPU) the
+    model's kernels gain from it; fp32 otherwise."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and native_bf16(device) and (device.type != "cpu" or getattr(model, "cpu_bf16", True)):
         return torch.bfloat16
     return None
+
+
+def _progressive_note(cfg: TrainConfig, image_size: int) -> str:
+    sizes = progressive_sizes(cfg.progressive, image_size, cfg.epochs)
+    steps = [f"{size}px x{sum(1 for s in sizes if s == size)}" for size in dict.fromkeys(sizes)]
+    return f", progressive {' -> '.join(steps)}" if len(steps) > 1 else ""
+
+
+def _scaled_backward(loss: torch.Tensor, batch_size: int, model: torch.nn.Module) -> None:
+    """loss.backward() with the loss scaled up by a power of two near the batch size, and the gradients scaled
+    back down. A batch-mean loss makes the gradients flowing through the net ~batch_size times smaller than
+    one image's; deep in a wide net they reach float32's denormal range, where x86 CPUs compute many times
+    slower (measured: 1.5x slower steps for FastNet at batch 1000, growing as the loss falls). Powers of two
+    scale exactly, so the result is the same; only the denormals are avoided."""
+    scale = float(2 ** max(0, round(math.log2(max(1, batch_size)))))
+    (loss * scale).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and scale != 1.0:
+        torch._foreach_mul_(grads, 1.0 / scale)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _steps_per_epoch(n: int, batch_size: int) -> int:
@@ -545,6 +745,8 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, backbone_lr_mult: float = 1.0
                      ) -> torch.optim.Optimizer:
     """Two parameter groups, backbone and head: fine-tuning gives the backbone a lower learning rate."""
+    if cfg.optimizer == "muon":
+        return _build_muon(cfg, model, backbone_lr_mult)
     lr, wd = cfg.resolved_lr(), cfg.weight_decay or 0.0
     head = {id(p) for p in model.get_classifier().parameters()}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in head],
@@ -566,6 +768,36 @@ def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, backbone_lr_mult:
     raise AssertionError("unreachable")
 
 
+# Muon's Nesterov-SGD groups, after the CIFAR-10 speed record's tuning (arXiv 2404.00498): step sizes per
+# training example, so a change of batch size needs no retuning (the loss is a batch mean, so a group's lr
+# is this x the batch size), at the default filter lr (DEFAULT_LR["muon"]); all scale with --lr.
+MUON_SGD_LR = {"backbone": 0.053, "head": 0.67}
+MUON_MOMENTUM, MUON_SGD_MOMENTUM = 0.6, 0.85
+
+
+def _build_muon(cfg: TrainConfig, model: torch.nn.Module, backbone_lr_mult: float) -> Muon:
+    """Muon for every weight matrix and filter bank of the backbone; Nesterov SGD for the vectors
+    (BatchNorm shifts, biases) and for the head, whose rows are class templates, not a hidden map.
+    ``weight_decay`` is per example, coupled as in SGD: lr x decay = weight_decay x batch size."""
+    scale = cfg.resolved_lr() / DEFAULT_LR["muon"]
+    bs, wd = cfg.batch_size, cfg.weight_decay or 0.0
+    head = {id(p) for p in model.get_classifier().parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def sgd(group, per_example_lr):
+        lr = per_example_lr * scale * bs
+        return {"params": group, "lr": lr, "momentum": MUON_SGD_MOMENTUM, "weight_decay": wd * bs / lr}
+
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2 and id(p) not in head], "muon": True,
+         "lr": cfg.resolved_lr() * backbone_lr_mult, "momentum": MUON_MOMENTUM,
+         "normalize": getattr(model, "normalized_filters", False)},
+        sgd([p for p in params if p.ndim < 2 and id(p) not in head], MUON_SGD_LR["backbone"] * backbone_lr_mult),
+        sgd([p for p in params if id(p) in head], MUON_SGD_LR["head"]),  # the head last, as in every optimizer
+    ]
+    return Muon(groups)
+
+
 def _match_state_layout(opt: torch.optim.Optimizer) -> None:
     """Give loaded optimizer buffers their parameter's memory layout. Checkpoints store tensors contiguous,
     while channels-last conv weights have NHWC strides; fused optimizers walk parameter and buffer memory
@@ -578,17 +810,52 @@ def _match_state_layout(opt: torch.optim.Optimizer) -> None:
 
 def _build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle" and cfg.freeze_epochs:
+        # fastai's fine_tune: the head-only epochs at the full (constant) lr, then one cycle for the whole net
+        return torch.optim.lr_scheduler.LambdaLR(opt, PhasedOneCycle(cfg.freeze_epochs * steps_per_epoch, total))
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
                                                    total_steps=total,
                                                    cycle_momentum=cfg.optimizer == "sgd")
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "linear":  # straight down to 0 at the last step, no warm-up (the speed records')
+        return torch.optim.lr_scheduler.LambdaLR(opt, LinearDecay(total))
     if cfg.schedule == "plateau":
         mode = "max" if cfg.monitor == "val_acc" else "min"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.plateau_factor,
                                                           patience=cfg.plateau_patience)
     return None
+
+
+class LinearDecay:
+    """lr factor 1 -> 0 over ``total`` steps. An object, not a lambda, so the scheduler's state_dict saves
+    ``total`` (a time budget may shorten it mid-run) and a resumed run decays the same way."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __call__(self, step: int) -> float:
+        return max(0.0, 1 - step / self.total)
+
+
+class PhasedOneCycle:
+    """lr factor: 1 for the first ``flat`` steps (head-only training of a frozen backbone: nothing to warm up,
+    and a new head learns fastest at the full rate), then one cycle over the rest: a cosine warm-up from 1/25
+    over 30 % of it, and a cosine decay to 1/25000 (OneCycleLR's shape)."""
+
+    def __init__(self, flat: int, total: int, warmup: float = 0.3):
+        self.flat, self.total, self.warmup = flat, total, warmup
+
+    def __call__(self, step: int) -> float:
+        if step < self.flat:
+            return 1.0
+        span = max(1, self.total - self.flat)
+        t = min(1.0, (step - self.flat) / span)
+        lo, end = 1 / 25, 1 / 25_000
+        if t < self.warmup:
+            return lo + (1 - lo) * (1 - math.cos(math.pi * t / self.warmup)) / 2
+        return end + (1 - end) * (1 + math.cos(math.pi * (t - self.warmup) / (1 - self.warmup))) / 2
 
 
 def _new_run_dir(project: Path, name: str) -> Path:
@@ -628,7 +895,8 @@ class _stop_on_sigint:
         if self.trainer.stop_requested:
             raise KeyboardInterrupt
         self.trainer.request_stop()
-        tqdm.write("\nstopping after this step and saving `last` (Ctrl-C again to abort at once)", file=sys.stderr)
+        if self.trainer.world.is_main:  # torchrun passes Ctrl-C to every process; all stop at the same step
+            tqdm.write("\nstopping after this step and saving `last` (Ctrl-C again to abort at once)", file=sys.stderr)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -5,6 +5,7 @@ import contextlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -53,6 +54,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         Path(tmp).write_bytes(data)
 
 
+def process_age() -> float:
+    """Seconds since this process started (interpreter start-up and imports included) where the OS tells
+    (Linux /proc); otherwise since this module was imported."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _IMPORTED
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or a CPU with AVX512-BF16
+    or AMX (on AVX2-only CPUs bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(probe is None for probe in probes):  # private probes gone in some release: read the CPU flags
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    return any(probe() for probe in probes if probe is not None)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> cuda when available, else cpu. Asking for cuda without one is a clear error."""
     name = str(device)
@@ -64,3 +94,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError as e:
         raise ImgclfError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from e
+
+
+_IMPORTED = time.monotonic()

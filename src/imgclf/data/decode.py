@@ -14,7 +14,8 @@ import contextlib
 import multiprocessing
 import os
 import sys
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 import numpy as np
@@ -98,32 +99,36 @@ class Decoder:
         self.size, self.channels = size, channels
         self._workers = workers or _usable_cpus()
         self._pending: list[tuple[str, str, str | bytes]] = []
-        self._jobs: list[tuple[list[str], Future] | None] = []
+        self._jobs: list[tuple[list[str], list[tuple], Future] | None] = []
         self._harvested = 0
         self._results: dict[str, DecodedImage] = {}
         self._pool: ProcessPoolExecutor | None = None
+        self._broken = False  # the worker pool died: decode the rest here
         self._bar = tqdm(total=total, desc="decode", unit="img", disable=not progress, file=sys.stderr,
                          dynamic_ncols=True)
 
     def add(self, key: str, label: str, src: str | bytes) -> None:
         self._pending.append((key, label, src))
+        if self._broken:
+            return
         if self._pool is None and self._workers > 1 and len(self._pending) >= PARALLEL_MIN:
             self._pool = ProcessPoolExecutor(self._workers, mp_context=_fork_context(), initializer=_lower_priority)
         if self._pool is not None and len(self._pending) >= CHUNK:
             self._submit()
+            if self._pool is None:
+                return
             self._harvest(wait=False)
 
     def finish(self) -> dict[str, DecodedImage]:
         """Decode what is left, wait for the workers; -> {key: DecodedImage}."""
         if self._pool is not None:
             self._submit()
-            self._harvest(wait=True)
-        else:
-            for start in range(0, len(self._pending), CHUNK):
-                part = self._pending[start:start + CHUNK]
-                decoded = decode_chunk([(label, src) for _, label, src in part], self.size, self.channels)
-                self._store([key for key, _, _ in part], decoded)
-            self._pending = []
+        self._harvest(wait=True)  # what the workers did (or, if their pool broke, what is redone here)
+        for start in range(0, len(self._pending), CHUNK):
+            part = self._pending[start:start + CHUNK]
+            decoded = decode_chunk([(label, src) for _, label, src in part], self.size, self.channels)
+            self._store([key for key, _, _ in part], decoded)
+        self._pending = []
         self.close()
         return self._results
 
@@ -140,22 +145,47 @@ class Decoder:
         self.close()
 
     def _submit(self) -> None:
-        for start in range(0, len(self._pending), CHUNK):
-            part = self._pending[start:start + CHUNK]
-            future = self._pool.submit(_decode_packed, [(label, src) for _, label, src in part],
-                                       self.size, self.channels)
-            self._jobs.append(([key for key, _, _ in part], future))
-        self._pending = []
+        while self._pending:
+            part = self._pending[:CHUNK]
+            items = [(label, src) for _, label, src in part]
+            try:
+                future = self._pool.submit(_decode_packed, items, self.size, self.channels)
+            except BrokenProcessPool:
+                self._mark_broken()  # what is still pending gets decoded here, in finish()
+                return
+            self._jobs.append(([key for key, _, _ in part], items, future))
+            self._pending = self._pending[CHUNK:]
 
     def _harvest(self, *, wait: bool) -> None:
         # In submission order, so results (and the bar) advance without a separate completion thread.
         while self._harvested < len(self._jobs):
-            keys, future = self._jobs[self._harvested]
+            keys, items, future = self._jobs[self._harvested]
             if not wait and not future.done():
                 return
-            self._store(keys, _unpack(*future.result()))
+            try:
+                decoded = _unpack(*future.result())
+            except (BrokenProcessPool, CancelledError):
+                decoded = self._decode_here(items)
+            self._store(keys, decoded)
             self._jobs[self._harvested] = None  # let the finished chunk's memory go
             self._harvested += 1
+
+    def _decode_here(self, items: list[tuple]) -> list[DecodedImage]:
+        self._mark_broken()
+        return decode_chunk(items, self.size, self.channels)
+
+    def _mark_broken(self) -> None:
+        """The worker pool died; the rest is decoded in this process. The usual cause: a script without an
+        ``if __name__ == "__main__":`` guard, which every worker process re-runs on start and fails in."""
+        if self._broken:
+            return
+        self._broken = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        tqdm.write("warning: the image-decoding worker processes stopped, so decoding goes on in this "
+                   "process (slower). If you called imgclf from your own script, put its code under "
+                   "`if __name__ == \"__main__\":` so worker processes can start.", file=sys.stderr)
 
     def _store(self, keys: list[str], decoded: list[DecodedImage]) -> None:
         self._results.update(zip(keys, decoded))

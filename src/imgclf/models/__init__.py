@@ -7,7 +7,7 @@ Every model is an :class:`ImageClassifier`: ``num_classes``, ``in_channels``, ``
 ``forward_features``, ``forward_head``, ``reset_classifier``, ``get_classifier`` and ``arch_args``.
 Importing this package registers the built-in families (one file each).
 """
-from . import efficientnet, resnet, seed_cnn  # noqa: F401  (imported for their @register_model side effect)
+from . import efficientnet, fastnet, resnet, seed_cnn  # noqa: F401  (imported for their @register_model side effect)
 from ._base import ImageClassifier
 from ._registry import create_model, list_models, model_info, register_model, register_pretrained
 

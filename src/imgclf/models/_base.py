@@ -17,6 +17,9 @@ class ImageClassifier(nn.Module):
     in_channels: int
     num_features: int  # width of the vector forward_features returns
     arch_args: dict  # set by create_model: the arguments that rebuild this architecture
+    # whether precision "auto" trains this model in bf16 on a CPU with native bf16 (dense convolutions and
+    # matmuls gain from AMX/AVX512-BF16; depthwise convolutions have no fast bf16 kernels and lose)
+    cpu_bf16: bool = True
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_channels, H, W) images -> (N, num_features) pooled features."""
@@ -25,6 +28,10 @@ class ImageClassifier(nn.Module):
     def new_head(self, num_classes: int) -> nn.Module:
         """A freshly initialised classifier head mapping num_features -> num_classes."""
         raise NotImplementedError
+
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation, called once by the trainer before the first step of a model
+        trained from scratch, with a sample of normalised training images (N, C, H, W). Default: nothing."""
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)

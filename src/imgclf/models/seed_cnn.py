@@ -32,6 +32,7 @@ def _keras_init(module: nn.Module) -> None:
 
 
 class SeedCNN(ImageClassifier):
+    fixed_input_size = True  # Flatten -> Dense: the dense layer's width is set by the input size
     def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32,
                  batch_norm: bool = False, dropout: float = 0.5):
         super().__init__()

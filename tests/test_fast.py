@@ -1,0 +1,136 @@
+"""The fast recipe's parts: FastNet's whitening, Muon, alternating flips, --val-every, precision auto and the
+time-budget planner."""
+import sys
+
+import pytest
+import torch
+
+import imgclf
+from imgclf.augment import alternating_flip
+from imgclf.budget import Speed, expected_top1, plan_budget
+from imgclf.errors import ImgclfError
+from imgclf.models import create_model
+from imgclf.optim import Muon, orthogonalize
+
+
+def test_whitening_layer_decorrelates_patches():
+    torch.manual_seed(0)
+    # correlated channels: a shared component plus a little noise
+    base = torch.randn(64, 1, 16, 16)
+    x = torch.cat([base + 0.1 * torch.randn(64, 1, 16, 16) for _ in range(3)], dim=1)
+    model = create_model("fastnet-s", num_classes=3, image_size=16)
+    model.init_from_data(x)
+    w = model.whiten.weight.detach()
+    out = torch.nn.functional.conv2d(x, w[: len(w) // 2])  # the first half: the eigenvector filters
+    flat = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    cov = flat.T @ flat / len(flat)
+    # unit variance where the data has variance, no correlation between the outputs
+    assert torch.allclose(cov, torch.diag(torch.diag(cov)), atol=0.05)
+    assert cov.diag().max() <= 1.01
+    assert torch.equal(w[len(w) // 2:], -w[: len(w) // 2])  # each filter and its negation
+    assert not model.whiten.weight.requires_grad
+
+
+def test_orthogonalize_flattens_the_spectrum():
+    torch.manual_seed(0)
+    g = torch.randn(64, 576) @ torch.diag(torch.logspace(-3, 0, 576))  # very uneven singular values
+    s = torch.linalg.svdvals(orthogonalize(g, steps=5).float())
+    assert s.min() > 0.3 and s.max() < 1.3  # roughly semi-orthogonal, as Muon needs (not exactly 1)
+    tall = orthogonalize(torch.randn(300, 20))
+    assert tall.shape == (300, 20)
+
+
+def test_muon_fits_a_small_problem_and_normalizes_filters():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 2))
+    x, y = torch.randn(256, 8), (torch.randn(256, 8).sum(1) > 0).long()
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    opt = Muon([{"params": [net[0].weight], "muon": True, "lr": 0.05, "momentum": 0.6, "normalize": True},
+                {"params": [p for p in net.parameters() if p is not net[0].weight], "lr": 0.1, "momentum": 0.9}])
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2
+    # each output row was rescaled to unit norm (on average) before the last step, then moved by lr x ~1/sqrt(8)
+    assert abs(net[0].weight.norm().item() - 16 ** 0.5) < 0.5
+
+
+def test_alternating_flip_mirrors_every_other_epoch():
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    bits = torch.tensor([True, False])
+    e0, e1 = alternating_flip(x, bits, 0), alternating_flip(x, bits, 1)
+    assert torch.equal(e0[0], x[0].flip(-1)) and torch.equal(e0[1], x[1])
+    assert torch.equal(e1[0], x[0]) and torch.equal(e1[1], x[1].flip(-1))
+
+
+def test_fast_recipe_trains_and_reports_tta(tiny_folder, tmp_path, capsys):
+    r = imgclf.train(data=str(tiny_folder), model="fastnet-s", epochs=3, batch_size=32, project=str(tmp_path),
+                     progress=False)
+    out = capsys.readouterr().out
+    assert "recipe fast" in out and "muon lr 0.24 (linear)" in out
+    assert r.test_metrics["top1"] > 0.9 and r.test_metrics["tta"]["views"] == 6
+    # validation only after the last epoch (val_every 0): earlier rows carry no score, and best = last
+    assert [row["val_acc"] == row["val_acc"] for row in r.history] == [False, False, True]
+    assert r.best_epoch == 3 and out.count("val skipped") == 2
+    # every 2 epochs when asked (and always after the last)
+    r2 = imgclf.train(data=str(tiny_folder), model="fastnet-s", epochs=3, batch_size=32, val_every=2,
+                      project=str(tmp_path), progress=False)
+    assert [row["val_acc"] == row["val_acc"] for row in r2.history] == [False, True, True]
+
+
+def test_precision_auto_follows_the_hardware_and_the_model(monkeypatch):
+    train = sys.modules["imgclf.train"]
+    cpu = torch.device("cpu")
+    fast, effnet = create_model("fastnet-s", 3), create_model("efficientnet-lite0", 3)
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert train._autocast_dtype("auto", cpu, fast) == torch.bfloat16
+    assert train._autocast_dtype("auto", cpu, effnet) is None  # depthwise convs: fp32 pays more on a CPU
+    assert train._autocast_dtype("fp32", cpu, fast) is None
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    assert train._autocast_dtype("auto", cpu, fast) is None   # AVX2-only CPU: bf16 would be emulated
+    assert train._autocast_dtype("bf16", cpu, fast) == torch.bfloat16  # asked for explicitly
+
+
+def test_budget_plan_picks_the_best_model_that_fits():
+    speeds = [Speed("fastnet", 400, 1200), Speed("fastnet-m", 700, 2000), Speed("fastnet-s", 1300, 3500)]
+    kw = dict(n_train=50_000, n_eval=10_000, speeds=speeds, max_epochs=8, tta="flip+translate", tta_views=6)
+    roomy = plan_budget(1500, **kw)
+    assert (roomy.model, roomy.epochs, roomy.tta) == ("fastnet", 8, "flip+translate")
+    assert roomy.train_seconds + roomy.eval_seconds <= 1500
+    tight = plan_budget(300, **kw)
+    assert tight.train_seconds + tight.eval_seconds <= 300 * 0.92
+    assert expected_top1(tight.model, tight.epochs) >= max(
+        expected_top1(s.model, e) for s in speeds for e in range(1, 9)
+        if e * 50_000 / s.train_ips + 10_000 * 7 / s.eval_ips <= 300 * 0.92 - 4)
+    assert any("plan:" in line for line in tight.why)
+    with pytest.raises(ImgclfError, match="raise --time-budget"):
+        plan_budget(20, **kw)
+    # a model without measurements: as many epochs as fit
+    mine = plan_budget(100, 10_000, 1000, [Speed("resnet18", 1000, 4000)], max_epochs=20, tta=None, tta_views=0)
+    assert mine.epochs == 8 and mine.tta is None
+
+
+def test_time_budget_run_plans_and_finishes(tiny_folder, tmp_path, capsys):
+    r = imgclf.train(data=str(tiny_folder), time_budget=120, epochs=2, batch_size=32, project=str(tmp_path),
+                     progress=False)
+    out = capsys.readouterr().out
+    assert "time budget:" in out and "measured fastnet " in out and "fastnet-s " in out
+    assert "plan: fastnet" in out and "for 2 epoch(s)" in out  # the user's epochs cap the plan
+    assert r.status == "finished" and r.test_metrics is not None
+    assert "time_budget = 120.0" in (r.run_dir / "config.toml").read_text()
+
+
+def test_progressive_sizes_keep_their_shape_and_end_at_full_size():
+    from imgclf.config import TrainConfig, progressive_sizes
+    spec = "0.75:0.375,0.875:0.25"
+    assert progressive_sizes(spec, 32, 8) == [24, 24, 24, 28, 28, 32, 32, 32]
+    assert progressive_sizes(spec, 32, 4) == [24, 28, 32, 32]   # shares, so a shorter run keeps the shape
+    assert progressive_sizes(spec, 28, 8)[:3] == [20, 20, 20]   # relative to the input size (MNIST: 28px)
+    assert progressive_sizes(spec, 32, 1) == [32]               # the last epoch is always full size
+    assert progressive_sizes(None, 32, 3) == progressive_sizes("none", 32, 3) == [32, 32, 32]
+    for bad in ("0.75", "2:0.5", "0.5:0.7,0.75:0.5"):
+        with pytest.raises(ImgclfError, match="progressive"):
+            TrainConfig(progressive=bad)
