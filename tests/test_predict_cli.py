@@ -89,7 +89,7 @@ def test_evaluate_on_other_data_maps_classes_by_name(tiny_run, tmp_path):
 def test_cli_train_smoke_and_models(tiny_folder, tmp_path, capsys):
     code, out, _ = _cli(capsys, "train", "--data", str(tiny_folder), "--epochs", "1", "--batch-size", "16",
                         "--project", str(tmp_path / "runs"), "--no-progress", "--augment", "standard")
-    assert code == 0 and out.strip().splitlines()[-1] == str(tmp_path / "runs" / "tiny-seed-cnn")
+    assert code == 0 and out.strip().splitlines()[-1] == str(tmp_path / "runs" / "tiny-fastnet")  # the default
     code, out, _ = _cli(capsys, "models")
     assert code == 0 and "160,202" in out and "resnet18" in out
 
