@@ -134,3 +134,12 @@ def test_progressive_sizes_keep_their_shape_and_end_at_full_size():
     for bad in ("0.75", "2:0.5", "0.5:0.7,0.75:0.5"):
         with pytest.raises(ImgclfError, match="progressive"):
             TrainConfig(progressive=bad)
+
+
+def test_phased_one_cycle_keeps_head_only_epochs_at_full_rate():
+    train = sys.modules["imgclf.train"]
+    f = train.PhasedOneCycle(flat=10, total=110)
+    assert [f(s) for s in (0, 9)] == [1.0, 1.0]           # head-only steps: the full lr
+    assert f(10) == pytest.approx(1 / 25)                   # then one cycle: warm up from 1/25 ...
+    assert f(40) == pytest.approx(1.0)                      # ... to the peak at 30 % of the rest ...
+    assert f(110) == pytest.approx(1 / 25_000) and f(75) < f(50)  # ... and down
