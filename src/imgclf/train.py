@@ -656,7 +656,7 @@ class Trainer:
                 self.log(f"test   loss {m['loss']:.4f}  top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  "
                          f"on {m['n']:,} images ({m['weights']})")
                 if cfg.tta not in (None, "none"):
-                    m["tta"] = evaluation.metrics["tta"] = self._test_tta(m["top1"])
+                    m["tta"] = evaluation.metrics["tta"] = self._test_tta(m["top1"], logits)
                     self.log(f"test   top-1 {m['tta']['top1']:.2%} with test-time augmentation "
                              f"({cfg.tta}, {m['tta']['views']} views)")
             # the deliverable checkpoint carries its final metrics
@@ -675,14 +675,15 @@ class Trainer:
                            best_epoch=state["best_epoch"], history=state["history"], test_metrics=test_metrics,
                            notes=self.notes)
 
-    def _test_tta(self, plain_top1: float) -> dict[str, Any]:
-        """TTA top-1 on the test split, through the same batched, normalised forward pass."""
-        cfg = self.cfg
-        scorer = SimpleNamespace(logits=lambda v, batch_size: predict_logits(
+    def _test_tta(self, plain_top1: float, plain_logits: torch.Tensor) -> dict[str, Any]:
+        """TTA top-1 on the test split, through the same batched, normalised forward pass; the un-augmented
+        view reuses the test logits already computed (tta_views returns the batch itself first)."""
+        cfg, x = self.cfg, to_tensor(self.ds.test.x, self.device)
+        scorer = SimpleNamespace(logits=lambda v, batch_size: plain_logits if v is x else predict_logits(
             self.model, v, self.normalizer, batch_size=batch_size, autocast_dtype=self.autocast_dtype,
             channels_last=cfg.channels_last))
-        return tta_metrics(scorer, to_tensor(self.ds.test.x, self.device), self.ds.test.y, cfg.tta,
-                           batch_size=cfg.eval_batch_size, plain_top1=plain_top1)
+        return tta_metrics(scorer, x, self.ds.test.y, cfg.tta, batch_size=cfg.eval_batch_size,
+                           plain_top1=plain_top1)
 
     def _write_report(self, evaluation) -> None:
         """Plots + report.html; a failure here must never cost the run, so it only warns."""
