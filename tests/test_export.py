@@ -148,6 +148,44 @@ def test_relu_before_maxpool_is_exact(tiny_run, exported, tmp_path):
     assert torch.allclose(a.logits(x), b.logits(x), atol=1e-5)
 
 
+def _fastnet_onnx(path, negate_first_scale=False):
+    """A FastNet (random weights, non-trivial BatchNorm statistics) exported the way export_onnx does."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = imgclf.create_model("fastnet-s", num_classes=4).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.2, 2), m.bias.data.uniform_(-0.5, 0.5)
+    if negate_first_scale:
+        model.blocks[1][2].weight.data[0] = -1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), dynamo=False,
+                          opset_version=export_mod.OPSET, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return onnx.load(str(path))
+
+
+def test_bn_before_maxpool_is_exact(tmp_path):
+    """FastNet pools between conv and BatchNorm; moving the BatchNorm (positive scales) in front of the
+    pool lets ORT fold it into the conv and changes no output beyond float rounding."""
+    import onnxruntime as ort
+
+    model = _fastnet_onnx(tmp_path / "a.onnx")
+    assert export_mod.bn_before_maxpool(model) == 3
+    ops = [n.op_type for n in model.graph.node]
+    assert all(ops[i + 1] == "MaxPool" for i, op in enumerate(ops) if op == "BatchNormalization")
+    assert "Gelu" in ops  # opset 20: GELU is one node, which int8 keeps as one float round trip
+    onnx.save(model, str(tmp_path / "b.onnx"))
+    x = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    a, b = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for f in ("a.onnx", "b.onnx"))
+    assert np.abs(a).max() > 0.01 and np.allclose(a, b, atol=1e-4)
+    # a negative scale flips the order of the pooled values: that BatchNorm must stay where it is
+    assert export_mod.bn_before_maxpool(_fastnet_onnx(tmp_path / "c.onnx", negate_first_scale=True)) == 2
+
+
 @pytest.mark.realdata
 @pytest.mark.skipif(not CIFAR_JPEG.exists(), reason="needs ../shared/datasets/cifar10-jpeg.tar.gz")
 def test_int8_accuracy_on_cifar(cifar_seed_run, tmp_path):

@@ -11,6 +11,10 @@ The ``imgclf`` command is the same functions: ``imgclf train``, ``imgclf evaluat
 """
 __version__ = "0.1.0"
 
+from .utils import flush_denormals  # noqa: E402
+
+flush_denormals()  # before torch starts its thread pool: see utils.flush_denormals
+
 from .compare import compare, runs  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .data import Dataset, Preprocess, load_dataset  # noqa: E402

@@ -37,7 +37,7 @@ from .utils import atomic_path
 
 INPUT_NAME = "image"    # uint8 (N, C, H, W), 0..255, already resized by the imgclf image loader
 OUTPUT_NAME = "logits"  # float32 (N, num_classes)
-OPSET = 17
+OPSET = 20              # the first with a Gelu op: one node instead of five (and one int8 round trip)
 MIN_AGREEMENT = 0.995   # fp32 must agree with PyTorch on the top-1 class of at least this share of images
 MAX_INT8_DROP = 0.005   # int8 may lose at most this much top-1 accuracy (0.5 points)
 
@@ -162,6 +162,7 @@ def export_onnx(clf: Classifier, out: str | Path, opset: int = OPSET) -> Path:
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True)
         model = onnx.load(str(raw))
+    bn_before_maxpool(model)  # exact up to rounding; lets ORT fold the BatchNorm into the conv before it
     clf.model.to(clf.device)  # _WithNormalization moved it to the CPU for tracing
     return _save_with_metadata(model, out, onnx_metadata(clf, "fp32"))
 
@@ -263,9 +264,40 @@ def relu_before_maxpool(model) -> int:
     the ReLU to save training time (seed-cnn), but int8 needs ReLU first: a quantized Conv+ReLU then feeds
     MaxPool with one scale, ORT runs the pool on uint8 in NHWC, and the float round trips and layout
     reorders around every pool disappear (seed-cnn: int8 went from ~0.5x to >1x the speed of fp32)."""
+    return _pool_first_swapped(model, "Relu", lambda node, consts: True)
+
+
+def bn_before_maxpool(model) -> int:
+    """Rewrite MaxPool -> BatchNormalization as BatchNormalization -> MaxPool (in place; returns how many),
+    where every channel's BatchNorm scale is positive: then BatchNorm is an increasing map per channel and
+    commutes with max-pooling, so the result is the same up to float rounding. The BatchNorm then follows
+    the convolution and ORT folds it into the conv's weights (FastNet pools between the two: its int8 model
+    ran 680 -> 806 img/s, fp32 lost a separate BatchNorm pass too)."""
+    def positive_scale(bn, consts) -> bool:
+        return all(n in consts for n in bn.input[1:5]) and bool(np.all(consts[bn.input[1]] > 0))
+    return _pool_first_swapped(model, "BatchNormalization", positive_scale)
+
+
+def _constants(graph) -> dict[str, np.ndarray]:
+    """Values known in the graph: initializers, Constant nodes, and Identity copies of those."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Identity" and n.input[0] in consts:
+            consts[n.output[0]] = consts[n.input[0]]
+        elif n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return consts
+
+
+def _pool_first_swapped(model, op_type: str, allowed) -> int:
+    """Move each ``op_type`` node that alone consumes a MaxPool's output in front of that MaxPool, where
+    ``allowed(node, constants)`` says the two commute."""
     import onnx
 
     g = model.graph
+    consts = _constants(g)
     nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]
     users: dict[str, list] = {}
     for n in nodes:
@@ -277,13 +309,13 @@ def relu_before_maxpool(model) -> int:
         if pool.op_type != "MaxPool" or len(pool.output) != 1 or pool.output[0] in outputs:
             continue
         after = users.get(pool.output[0], [])
-        if len(after) != 1 or after[0].op_type != "Relu":
+        if len(after) != 1 or after[0].op_type != op_type or not allowed(after[0], consts):
             continue
-        relu = after[0]
-        x, mid, y = pool.input[0], pool.output[0], relu.output[0]
-        relu.input[0], relu.output[0], pool.input[0], pool.output[0] = x, mid, mid, y
-        j = nodes.index(relu)
-        nodes[k], nodes[j] = relu, pool  # keep the node list topologically sorted
+        op = after[0]
+        x, mid, y = pool.input[0], pool.output[0], op.output[0]
+        op.input[0], op.output[0], pool.input[0], pool.output[0] = x, mid, mid, y
+        j = nodes.index(op)
+        nodes[k], nodes[j] = op, pool  # keep the node list topologically sorted
         moved.add(mid)
     if moved:
         del g.node[:]
