@@ -97,7 +97,7 @@ def run_imgclf(work: Path, epochs: int) -> dict:
     run = work / "runs" / "seed"
     info = json.loads((run / "run.json").read_text())
     rows = list(csv.DictReader(open(run / "metrics.csv")))
-    return {"command": " ".join(["imgclf"] + cmd[3:-4]), "wall_s": wall,
+    return {"command": " ".join(["imgclf"] + cmd[3:-5]), "wall_s": wall,
             "train_s": sum(float(r["seconds"]) for r in rows), "test_acc": info["test_metrics"]["top1"],
             "last_epoch_val_acc": float(rows[-1]["val_acc"]), "precision": info["precision"]}
 

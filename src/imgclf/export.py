@@ -425,17 +425,23 @@ class ParityError(ImgclfError):
         self.report = report
 
 
-def throughput(clf: BaseClassifier, x: torch.Tensor, batch_size: int = 256, seconds: float = 1.5) -> float:
-    """Images/s of ``clf.logits`` at ``batch_size`` on this machine (one warm-up batch, then >= ``seconds``)."""
+def throughput(clf: BaseClassifier, x: torch.Tensor, batch_size: int = 256, seconds: float = 1.5,
+               rounds: int = 3) -> float:
+    """Images/s of ``clf.logits`` at ``batch_size`` on this machine: one warm-up batch, then the best of
+    ``rounds`` rounds of >= ``seconds`` each (with one round, two exports of the same model on a 2-core VM
+    measured ORT fp32 at 413 and 590 img/s)."""
     if len(x) < batch_size:
         x = x.repeat((batch_size + len(x) - 1) // len(x), 1, 1, 1)
     xb = x[:batch_size].contiguous(memory_format=torch.channels_last)
     clf.logits(xb, batch_size=batch_size)
-    n, t0 = 0, time.perf_counter()
-    while n < 3 * batch_size or time.perf_counter() - t0 < seconds:
-        clf.logits(xb, batch_size=batch_size)
-        n += batch_size
-    return n / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(rounds):
+        n, t0 = 0, time.perf_counter()
+        while n < 3 * batch_size or time.perf_counter() - t0 < seconds:
+            clf.logits(xb, batch_size=batch_size)
+            n += batch_size
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
 
 
 def compare(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
