@@ -10,6 +10,7 @@ import imgclf
 from conftest import run_cli as _cli
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import (
+    TTA_SHIFT,
     calibration_metrics,
     evaluation_from_logits,
     fit_temperature,
@@ -94,8 +95,10 @@ def test_tta_views():
     assert len(flip) == 2 and torch.equal(flip[1], x.flip(3))
     both = tta_views(x, "flip+translate")
     assert len(both) == 6 and all(v.shape == x.shape and v.dtype == torch.uint8 for v in both)
-    shifted = both[2]  # moved 2 px down-right, edge rows/columns repeated
-    assert torch.equal(shifted[..., 2:, 2:], x[..., :-2, :-2]) and torch.equal(shifted[..., 0, 0], x[..., 0, 0])
+    d = TTA_SHIFT
+    shifted = both[2]  # moved d px down-right, edge rows/columns repeated
+    assert torch.equal(shifted[..., d:, d:], x[..., :-d, :-d]) and torch.equal(shifted[..., 0, 0], x[..., 0, 0])
+    assert torch.equal(both[4][..., :-d, :-d], x[..., d:, d:])  # and up-left
 
 
 def test_training_numbers_equal_evaluate_json(tiny_run, capsys):
