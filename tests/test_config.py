@@ -3,25 +3,49 @@ import json
 import pytest
 
 from imgclf.config import TrainConfig, read_config_file
+from imgclf.data.probe import ImageProbe
 from imgclf.errors import ImgclfError
 
 
 def test_defaults_are_the_fast_recipe_for_small_images():
     from imgclf.recipes import resolve
-    cfg, why = resolve(TrainConfig(), native_side=32)
+    cfg, why = resolve(TrainConfig(), probe=ImageProbe(32))
     assert (cfg.data, cfg.model, cfg.optimizer, cfg.schedule, cfg.augment) == ("cifar10", "fastnet", "muon", "linear",
                                                                               "fast")
     assert cfg.recipe == "fast" and cfg.tta == "flip+translate" and cfg.val_every == 0 and "FastNet" in why[0]
-    assert resolve(TrainConfig(epochs=3), native_side=32)[0].epochs == 3  # the user's value wins
+    assert resolve(TrainConfig(epochs=3), probe=ImageProbe(32))[0].epochs == 3  # the user's value wins
 
 
 def test_seed_recipe_is_one_flag_away():
     from imgclf.recipes import resolve
-    cfg, why = resolve(TrainConfig(recipe="seed"), native_side=32)
+    cfg, why = resolve(TrainConfig(recipe="seed"), probe=ImageProbe(32))
     assert (cfg.model, cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.augment) == ("seed-cnn", "adam", 64, 10, "none")
     assert cfg.resolved_lr() == 1e-3 and cfg.tta is None and cfg.val_every is None
-    sgd, _ = resolve(TrainConfig(recipe="seed", optimizer="sgd"), native_side=32)
+    sgd, _ = resolve(TrainConfig(recipe="seed", optimizer="sgd"), probe=ImageProbe(32))
     assert sgd.lr == 0.05  # the recipe's Adam lr is not given to another optimizer
+
+
+def test_fast_recipe_leaves_mirror_images_out_for_characters(tmp_path):
+    from PIL import Image
+
+    from imgclf.data.probe import probe_images
+    from imgclf.recipes import resolve
+    digits, why = resolve(TrainConfig(data="mnist"), probe=ImageProbe(28, 1, mirror_safe=False))
+    assert (digits.augment, digits.tta) == ("shift", "translate") and any("mirror" in w for w in why)
+    grey, _ = resolve(TrainConfig(), probe=ImageProbe(28, 1))  # unknown small greyscale: taken for characters
+    assert (grey.augment, grey.tta) == ("shift", "translate")
+    for safe in (ImageProbe(28, 1, mirror_safe=True), ImageProbe(32, 3), ImageProbe()):  # fashion, colour, unknown
+        assert (resolve(TrainConfig(), probe=safe)[0].augment, resolve(TrainConfig(), probe=safe)[0].tta) == (
+            "fast", "flip+translate")
+    mine, _ = resolve(TrainConfig(augment="fast"), probe=ImageProbe(28, 1, mirror_safe=False))
+    assert (mine.augment, mine.tta) == ("fast", "translate")  # the user's choice wins, the rest still follows
+    assert probe_images("mnist") == ImageProbe(28, 1, False) and probe_images("fashion-mnist").mirror_safe
+    for i in range(3):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        Image.new("L", (28, 28), i * 40).save(tmp_path / "a" / f"{i}.png")
+    assert probe_images(str(tmp_path)) == ImageProbe(28, 1, None)
+    Image.new("RGB", (28, 28)).save(tmp_path / "a" / "c.png")
+    assert probe_images(str(tmp_path)).channels == 1  # most images decide
 
 
 def test_durations():
@@ -41,16 +65,16 @@ def test_durations():
 
 def test_photo_recipe_for_large_images():
     from imgclf.recipes import resolve
-    cfg, why = resolve(TrainConfig(data="photos"), native_side=375)
+    cfg, why = resolve(TrainConfig(data="photos"), probe=ImageProbe(375))
     assert (cfg.recipe, cfg.model, cfg.pretrained, cfg.image_size) == ("photo", "efficientnet-lite0", "imagenet", 160)
     assert cfg.freeze_epochs == 1 and cfg.augment == "photo"
     assert any("160px" in w for w in why)
-    small, _ = resolve(TrainConfig(data="photos"), native_side=100)
+    small, _ = resolve(TrainConfig(data="photos"), probe=ImageProbe(100))
     assert small.image_size == 96
-    mine, _ = resolve(TrainConfig(data="photos", model="seed-cnn"), native_side=375)
+    mine, _ = resolve(TrainConfig(data="photos", model="seed-cnn"), probe=ImageProbe(375))
     assert mine.model == "seed-cnn" and mine.pretrained is None
     with pytest.raises(ImgclfError, match="freeze-epochs"):
-        resolve(TrainConfig(recipe="photo", epochs=1), native_side=375)
+        resolve(TrainConfig(recipe="photo", epochs=1), probe=ImageProbe(375))
 
 
 def test_file_then_overrides(tmp_path):

@@ -99,6 +99,9 @@ def test_tta_views():
     shifted = both[2]  # moved d px down-right, edge rows/columns repeated
     assert torch.equal(shifted[..., d:, d:], x[..., :-d, :-d]) and torch.equal(shifted[..., 0, 0], x[..., 0, 0])
     assert torch.equal(both[4][..., :-d, :-d], x[..., d:, d:])  # and up-left
+    shifts = tta_views(x, "translate")  # no mirror images: the image and its two shifts
+    assert len(shifts) == 3 and torch.equal(shifts[0], x)
+    assert torch.equal(shifts[1], both[2]) and torch.equal(shifts[2], both[4])
 
 
 def test_training_numbers_equal_evaluate_json(tiny_run, capsys):

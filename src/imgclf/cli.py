@@ -61,7 +61,7 @@ def train(
     schedule: Optional[str] = typer.Option(None, help="constant, onecycle, cosine, linear (decay to 0) or plateau."),
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing (0 = off)."),
     augment: Optional[str] = typer.Option(None, help="Augmentation preset: none, flip, standard, strong, seed004, "
-                                          "fast, photo."),
+                                          "fast, shift (fast without flips), photo."),
     patience: Optional[int] = typer.Option(None, help="Early stopping patience in epochs (0 = off)."),
     monitor: Optional[str] = typer.Option(None, help="val_loss or val_acc: picks the best epoch."),
     restore_best: Optional[bool] = typer.Option(None, "--restore-best/--no-restore-best",
@@ -73,7 +73,7 @@ def train(
     val_every: Optional[int] = typer.Option(None, help="Validate every N epochs and after the last (0: only after "
                                             "the last)."),
     tta: Optional[str] = typer.Option(None, help="Test-time augmentation for the final test score: flip, "
-                                      "flip+translate or none."),
+                                      "flip+translate, translate (no mirror images) or none."),
     test_split: Optional[float] = typer.Option(None, help="Fraction held out for test if the data has no test/."),
     fraction: Optional[float] = typer.Option(None, help="Train on this fraction of the training images "
                                              "(stratified, seeded), for quick runs."),
@@ -113,8 +113,8 @@ def evaluate(
     split: str = typer.Option("test", help="test, val or train."),
     batch_size: int = typer.Option(512, help="Evaluation batch size."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    tta: Optional[str] = typer.Option(None, help="Test-time augmentation: flip or flip+translate (reports top-1 "
-                                      "with and without)."),
+    tta: Optional[str] = typer.Option(None, help="Test-time augmentation: flip, flip+translate or translate "
+                                      "(reports top-1 with and without)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Fit a temperature on the run's validation split, "
                                    "store it in the checkpoint (predict uses it), report ECE before/after."),
     calibration_data: Optional[str] = typer.Option(None, help="Held-out labelled images to fit the temperature on "
@@ -273,8 +273,8 @@ def serve(
 @app.command()
 def report(
     run: str = typer.Argument(..., help="Run folder."),
-    tta: Optional[str] = typer.Option(None, help="Also report test-time augmentation: flip or flip+translate "
-                                      "(default: what the last evaluation used)."),
+    tta: Optional[str] = typer.Option(None, help="Also report test-time augmentation: flip, flip+translate or "
+                                      "translate (default: what the last evaluation used)."),
     batch_size: int = typer.Option(512, help="Evaluation batch size."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),

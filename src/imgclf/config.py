@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("constant", "onecycle", "plateau", "cosine", "linear")
-TTA_MODES = ("flip", "flip+translate")
+TTA_MODES = ("flip", "flip+translate", "translate")
 PRECISIONS = ("auto", "fp32", "bf16")
 MONITORS = ("val_loss", "val_acc")
 DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05,  # Keras' Adam default; a safe SGD+Nesterov start
@@ -43,7 +43,7 @@ class TrainConfig:
     fraction: float = 1.0               # train on this fraction of the training images (stratified, seeded)
     # Settings left None are filled by the recipe (see recipes.py); a value given here always wins.
     recipe: str = "auto"                # auto (photo for large images, else fast), fast, seed, photo
-    augment: str | None = None          # augmentation preset: none, flip, standard, strong, seed004, fast, photo
+    augment: str | None = None          # augmentation preset: none, flip, standard, strong, seed004, fast, shift, photo
     progressive: str | None = None      # progressive resizing "0.75:0.375,0.875:0.25": the first 37.5% of epochs
                                         # at 0.75x the input size, the next 25% at 0.875x, the rest full; "none"
     # --- model
@@ -70,7 +70,7 @@ class TrainConfig:
     patience: int = 0                   # early stopping after this many epochs without improvement; 0 = off
     restore_best: bool = True           # end the run with the best epoch's weights (seed 004)
     val_every: int | None = None        # validate every N epochs and after the last (0: only then); None: recipe's
-    tta: str | None = None              # test-time augmentation for the final test score: flip, flip+translate, none
+    tta: str | None = None              # test-time augmentation for the final test score: flip, flip+translate, translate, none
     time_budget: float | None = None    # seconds for the whole run (CLI: 300, 5m, 1h): plans epochs and width
     # --- run
     seed: int = 0

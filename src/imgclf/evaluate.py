@@ -110,8 +110,8 @@ def evaluate(model: str | Path | Any, data: str | None = None, *, split: str = "
     split), so a run can always be re-checked by its path alone. With ``data``, the images are decoded
     with the checkpoint's own preprocessing and labels matched to its classes by name.
 
-    tta: ``"flip"`` or ``"flip+translate"``: also score the average softmax over flipped (and shifted)
-        copies; the result's ``tta`` entry gives top-1 with and without.
+    tta: ``"flip"``, ``"flip+translate"`` or ``"translate"``: also score the average softmax over flipped
+        and/or shifted copies (:func:`tta_views`); the result's ``tta`` entry gives top-1 with and without.
     calibrate: fit a temperature on the run's validation split (or on every image of
         ``calibration_data``), store it in the checkpoint (predict then uses it) and report ECE before/after.
     save: write evaluation.json and classification_report.{json,txt} beside the checkpoint; default: when
@@ -293,15 +293,17 @@ def calibrate_classifier(clf: Any, ds: Any, calibration_data: str | None, *, bat
 
 def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
     """The copies of a (N, C, H, W) uint8 batch that ``mode`` averages over: the images and their mirror
-    images, for "flip+translate" also both shifted by TTA_SHIFT pixels down-right and up-left (edge
-    pixels repeated, so no black borders appear)."""
-    views = [x, x.flip(3)]
-    if mode == "flip+translate":
+    images ("flip"); for "flip+translate" also both shifted by TTA_SHIFT pixels down-right and up-left
+    (edge pixels repeated, so no black borders appear); "translate" is the images and their two shifts,
+    with no mirror images (for digits and letters, which a mirror changes)."""
+    bases = [x] if mode == "translate" else [x, x.flip(3)]
+    views = list(bases)
+    if mode in ("flip+translate", "translate"):
         h, w = x.shape[2], x.shape[3]
         for d in (TTA_SHIFT, -TTA_SHIFT):
             rows = (torch.arange(h, device=x.device) - d).clamp(0, h - 1)
             cols = (torch.arange(w, device=x.device) - d).clamp(0, w - 1)
-            views += [v.index_select(2, rows).index_select(3, cols) for v in (x, x.flip(3))]
+            views += [v.index_select(2, rows).index_select(3, cols) for v in bases]
     return views
 
 

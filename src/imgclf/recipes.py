@@ -5,7 +5,8 @@
 A setting left as None in :class:`~imgclf.config.TrainConfig` is the recipe's to fill; one the user gave
 always wins. ``recipe="auto"`` picks ``photo`` (an ImageNet-pretrained EfficientNet-Lite0, fine-tuned) for
 a folder of photos, i.e. images larger than 64 px, and ``fast`` (FastNet trained from scratch with the
-speed record's methods, tuned for a CPU) for CIFAR/MNIST-sized data. ``seed`` is the seed notebooks' CNN
+speed record's methods, tuned for a CPU) for CIFAR/MNIST-sized data; for digits and letters (MNIST, or
+small greyscale images) ``fast`` shifts but never mirrors. ``seed`` is the seed notebooks' CNN
 and schedule, one flag away. The user's config is never changed: the resolved one is a new object, and
 the run records both.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import DEFAULT_LR, TrainConfig
-from .data.probe import probe_image_side
+from .data.probe import ImageProbe, probe_images
 from .errors import ImgclfError
 from .models.fastnet import VARIANTS as FASTNET_VARIANTS
 
@@ -41,17 +42,20 @@ RECIPES: dict[str, dict] = {
 # The fast recipe's optimizer settings are FastNet's (Muon at rates that BatchNorm after every conv makes
 # safe); another model under it gets the robust Keras default instead, with the rest of the recipe.
 FAST_OTHER_MODEL = {"optimizer": "adam", "lr": 1e-3, "batch_size": 128, "weight_decay": 0.0, "progressive": "none"}
+# Digits and letters read differently in a mirror (a mirrored 2 is no 2): for them the fast recipe shifts only.
+NO_MIRROR = {"augment": "shift", "tta": "translate"}
 PHOTO_MIN_SIDE = 64      # images larger than this are "photos"
 PHOTO_MAX_SIDE = 160     # input side for photos: EfficientNet's accuracy keeps most of its 224px value at a
                          # half of its CPU cost (cost grows with the square of the side)
 
 
-def resolve(cfg: TrainConfig, native_side: int | None = None) -> tuple[TrainConfig, list[str]]:
-    """-> (a copy of cfg with every recipe setting filled, one line per choice saying why)."""
+def resolve(cfg: TrainConfig, probe: ImageProbe | None = None) -> tuple[TrainConfig, list[str]]:
+    """-> (a copy of cfg with every recipe setting filled, one line per choice saying why). ``probe``: what
+    the data's images look like (default: :func:`~imgclf.data.probe.probe_images` on ``cfg.data``)."""
     why = []
     name = cfg.recipe
-    if native_side is None:
-        native_side = probe_image_side(cfg.data)
+    probe = probe_images(cfg.data) if probe is None else probe
+    native_side = probe.side
     if name == "auto":
         photo = native_side is not None and native_side > PHOTO_MIN_SIDE and cfg.init_from is None
         name = "photo" if photo else "fast"
@@ -75,6 +79,12 @@ def resolve(cfg: TrainConfig, native_side: int | None = None) -> tuple[TrainConf
         fill["image_size"] = side
         why.append(f"image size {side}px: the photos' median shorter side {native_side}px, capped at "
                    f"{PHOTO_MAX_SIDE}px for CPU speed (set --image-size to change)")
+    if name == "fast" and _mirror_changes_class(probe) and {"augment", "tta"} & fill.keys():
+        fill.update({k: v for k, v in NO_MIRROR.items() if k in fill})
+        why.append("no mirror images in training or TTA: " + ("this dataset's classes change when mirrored"
+                   if probe.mirror_safe is False else f"small ({native_side}px) greyscale images are taken for "
+                   "digits or letters, which a mirror changes") + " (--augment fast --tta flip+translate puts "
+                   "them back)")
     if fill.get("pretrained") and cfg.model is not None and cfg.model != RECIPES[name]["model"]:
         fill.pop("pretrained")  # the user's own model choice has no such weights
     resolved = dataclasses.replace(cfg, recipe=name, **fill)
@@ -82,3 +92,11 @@ def resolve(cfg: TrainConfig, native_side: int | None = None) -> tuple[TrainConf
         raise ImgclfError(f"--freeze-epochs {resolved.freeze_epochs} leaves no epoch to fine-tune the whole "
                           f"model in {resolved.epochs} epochs; raise --epochs or lower --freeze-epochs")
     return resolved, why
+
+
+def _mirror_changes_class(probe: ImageProbe) -> bool:
+    """False unless the source says so (a built-in like MNIST) or its images look like characters: greyscale
+    and CIFAR-sized or smaller. Colour photos and unknown sources keep their mirror images."""
+    if probe.mirror_safe is not None:
+        return not probe.mirror_safe
+    return probe.channels == 1 and probe.side is not None and probe.side <= 32

@@ -37,6 +37,7 @@ class BuiltinDataset:
     num_classes: int
     description: str
     folder: str = ""                    # sub-folder of imgclf_home()/datasets ("" = the folder itself)
+    mirror_safe: bool = True            # a mirror image shows the same class (False for digits)
 
     def source_path(self) -> Path:
         """What the parser reads: the single file, or the folder holding several."""
@@ -72,7 +73,7 @@ BUILTINS: dict[str, BuiltinDataset] = {d.name: d for d in (
         description="CIFAR-100 with its 20 coarse super-classes (same download as cifar100)"),
     BuiltinDataset(
         name="mnist", parser=functools.partial(load_idx_folder, classes=MNIST_CLASSES), image_size=28,
-        channels=1, num_classes=10, folder="mnist",
+        channels=1, num_classes=10, folder="mnist", mirror_safe=False,
         description="MNIST: 60,000 train / 10,000 test handwritten digits, 28x28 greyscale",
         # the original yann.lecun.com host is often unreachable; this mirror serves the identical files
         files=_idx_files("https://ossci-datasets.s3.amazonaws.com/mnist/",
