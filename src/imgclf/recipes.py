@@ -80,8 +80,10 @@ def resolve(cfg: TrainConfig, probe: ImageProbe | None = None) -> tuple[TrainCon
         why.append(f"image size {side}px: the photos' median shorter side {native_side}px, capped at "
                    f"{PHOTO_MAX_SIDE}px for CPU speed (set --image-size to change)")
     if name == "fast" and _mirror_changes_class(probe) and {"augment", "tta"} & fill.keys():
-        fill.update({k: v for k, v in NO_MIRROR.items() if k in fill})
-        why.append("no mirror images in training or TTA: " + ("this dataset's classes change when mirrored"
+        changed = [k for k in NO_MIRROR if k in fill]
+        fill.update({k: NO_MIRROR[k] for k in changed})
+        where = " or ".join({"augment": "training", "tta": "TTA"}[k] for k in changed)
+        why.append(f"no mirror images in {where}: " + ("this dataset's classes change when mirrored"
                    if probe.mirror_safe is False else f"small ({native_side}px) greyscale images are taken for "
                    "digits or letters, which a mirror changes") + " (--augment fast --tta flip+translate puts "
                    "them back)")

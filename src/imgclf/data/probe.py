@@ -1,6 +1,6 @@
 """A quick look at a data source before decoding it: is it a built-in, how big are its images, are they grey?
 
-    probe_image_side("photos/")     # -> 375 (median shorter side of a sample), or None if unknown
+    probe_images("photos/")         # -> ImageProbe(side=375, channels=3): the median shorter side of a sample
     probe_images("mnist")           # -> ImageProbe(side=28, channels=1, mirror_safe=False)
 
 Used by the training recipes ("auto" picks the photo recipe for a folder of large images, and the fast
@@ -61,12 +61,6 @@ def probe_images(data: str, sample: int = 64) -> ImageProbe:
     if not sides:
         return ImageProbe()
     return ImageProbe(int(np.median(sides)), 1 if grey > len(sides) / 2 else 3)
-
-
-def probe_image_side(data: str, sample: int = 64) -> int | None:
-    """Median shorter side of a sample of the source's images; the native size for official formats;
-    None when nothing can be read."""
-    return probe_images(data, sample).side
 
 
 def _image_sources(path: Path, sample: int):
