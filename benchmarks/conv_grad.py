@@ -41,9 +41,9 @@ def layer_rows(batch: int, reps: int) -> list[dict]:
         g = torch.randn(batch, cout, side, side, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
         w = torch.randn(cout, cin, 3, 3, dtype=torch.bfloat16)
         flop = 2 * batch * side * side * cin * cout * 9
-        t_torch = median_time(lambda: torch.ops.aten.convolution_backward(
+        t_torch = median_time(lambda x=x, g=g, w=w: torch.ops.aten.convolution_backward(
             g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), reps)
-        t_ours = median_time(lambda: _kernels.conv3x3_weight_grad(x, g), reps)
+        t_ours = median_time(lambda x=x, g=g: _kernels.conv3x3_weight_grad(x, g), reps)
         rows.append({"shape": f"{cin}->{cout} @{side}x{side}", "torch_ms": t_torch * 1e3, "imgclf_ms": t_ours * 1e3,
                      "torch_gflops": flop / t_torch / 1e9, "imgclf_gflops": flop / t_ours / 1e9,
                      "used_in_training": side * side <= _kernels.SMALL_IMAGE_PIXELS})

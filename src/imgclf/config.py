@@ -70,7 +70,7 @@ class TrainConfig:
     patience: int = 0                   # early stopping after this many epochs without improvement; 0 = off
     restore_best: bool = True           # end the run with the best epoch's weights (seed 004)
     val_every: int | None = None        # validate every N epochs and after the last (0: only then); None: recipe's
-    tta: str | None = None              # test-time augmentation for the final test score: flip, flip+translate, translate, none
+    tta: str | None = None              # final test-time augmentation: flip, flip+translate, translate, none
     time_budget: float | None = None    # seconds for the whole run (CLI: 300, 5m, 1h): plans epochs and width
     # --- run
     seed: int = 0

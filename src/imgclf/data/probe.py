@@ -23,7 +23,6 @@ from .cifar import is_cifar10, is_cifar100
 from .folder import IMAGE_SUFFIXES
 from .idx import is_idx_folder
 
-
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 
 

@@ -96,7 +96,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _fast_grad_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return (x.device.type == "cpu" and dtype == torch.bfloat16 and x.dim() == 4 and x.shape[2] * x.shape[3] <= SMALL_IMAGE_PIXELS
-            and weight.requires_grad and torch.is_grad_enabled() and tuple(weight.shape[2:]) == (3, 3)
+    return (x.device.type == "cpu" and dtype == torch.bfloat16 and x.dim() == 4
+            and x.shape[2] * x.shape[3] <= SMALL_IMAGE_PIXELS and tuple(weight.shape[2:]) == (3, 3)
+            and weight.requires_grad and torch.is_grad_enabled()
             and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not torch.onnx.is_in_onnx_export()
             and not torch.compiler.is_compiling())
