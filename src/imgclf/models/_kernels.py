@@ -8,7 +8,7 @@ this 2-core AMX Xeon, batch 1000), and it is a third of FastNet's training step.
 matrix products, im2col over ~4,000 output pixels at a time so that each chunk stays in the L2 cache,
 takes 191 instead of 325 ms at 7x7 and 42 instead of 170 ms at 3x3. At 3x3 the forward pass and the input
 gradient are matrix products too (25 instead of 50 ms each). ``benchmarks/conv_grad.py`` measures each
-layer and the whole step (1.10-1.14x here). Everything else (other shapes, float32, inference, GPUs) is
+layer and the whole step (1.10-1.20x here). Everything else (other shapes, float32, inference, GPUs) is
 PyTorch's own.
 """
 from __future__ import annotations
@@ -22,8 +22,9 @@ CHUNK_PIXELS = 4096       # output pixels per im2col chunk (~4,000 rows x 9*C co
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A 3x3, stride-1, padding-1, bias-free convolution of (N, C, H, W) ``x``. On a CPU, in training, for
-    small images, its weight gradient comes from :func:`conv3x3_weight_grad`; otherwise plain F.conv2d."""
+    """A 3x3, stride-1, padding-1, bias-free convolution of (N, C, H, W) ``x``. On a CPU in bf16, in training,
+    for images of at most 8x8 its weight gradient comes from :func:`conv3x3_weight_grad` (and for at most 4x4
+    its forward pass and input gradient from :func:`conv3x3_matmul`); otherwise it is plain F.conv2d."""
     if not _fast_grad_pays(x, weight):
         return F.conv2d(x, weight, padding=1)
     if torch.is_autocast_enabled("cpu"):  # the cast autocast would do, made here so the Function sees it
