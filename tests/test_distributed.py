@@ -21,7 +21,8 @@ from imgclf.errors import ImgclfError
 # fp32, no augmentation, seed-cnn (dropout, no BatchNorm): two processes sum the same gradients in another
 # order, and Adam turns that into weight differences of a few 1e-6 after a dozen steps.
 ATOL = 1e-5
-SETTINGS = dict(recipe="seed", model="seed-cnn", augment="none", precision="fp32", batch_size=16, seed=5)
+SETTINGS = dict(recipe="seed", model="seed-cnn", augment="none", precision="fp32", batch_size=16, seed=5,
+                device="cpu")  # gloo on CPUs, also where a GPU is visible (tests/test_cuda.py has those)
 
 
 def _free_port() -> int:
@@ -173,3 +174,16 @@ def test_timeout_setting(monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(ImgclfError, match=distributed.TIMEOUT_ENV):
         distributed.timeout_s()
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU machine: rank 1 would ask for cuda:1; it says what to do."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ImgclfError, match=r"started 2 processes on this machine, but it has 1 GPU\(s\).*"
+                                          r"--nproc-per-node 1.*--device cpu"), distributed.process_group("cuda"):
+        pass

@@ -44,7 +44,7 @@ def test_export_parity_and_metadata(tiny_run, exported):
     assert "top-1 agree" in report.table() and json.loads(json.dumps(report.to_dict()))["ok"] is True
 
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    ckpt = imgclf.load(tiny_run.run_dir)
+    ckpt = imgclf.load(tiny_run.run_dir, device="cpu")  # the same function, not TF32 convolutions on a GPU
     assert json.loads(props["classes"]) == ckpt.classes
     assert int(props["image_size"]) == 32 and int(props["channels"]) == 3
     assert tuple(json.loads(props["mean"])) == ckpt.preprocess.mean

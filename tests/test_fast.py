@@ -8,9 +8,11 @@ import torch
 import imgclf
 from imgclf.augment import alternating_flip
 from imgclf.budget import Speed, plan_budget
+from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import ImgclfError
 from imgclf.models import create_model
 from imgclf.optim import Muon, orthogonalize
+from imgclf.train import Callback
 
 
 def test_whitening_layer_decorrelates_patches():
@@ -161,3 +163,32 @@ def test_import_flushes_subnormals_unless_told_not_to():
     """x86 computes subnormals 10-100x slower; imgclf flushes them to zero (IMGCLF_KEEP_DENORMALS=1 keeps them)."""
     assert _product_of_tiny_numbers({"IMGCLF_KEEP_DENORMALS": ""}) == 0.0
     assert 0.0 < _product_of_tiny_numbers({"IMGCLF_KEEP_DENORMALS": "1"}) < 1e-39
+
+
+def test_whitening_bias_trains_early_then_freezes(tiny_folder, tmp_path):
+    """FastNet's whitening bias trains for stem_bias_epochs (3), its lr decaying to 0, then stops needing a
+    gradient; a run stopped after that resumes to the uninterrupted run's weights."""
+    class Record(Callback):
+        def __init__(self, stop_at=None):
+            self.bias, self.stop_at = [], stop_at
+
+        def on_step_end(self, trainer, epoch, step, loss):
+            if (epoch, step) == self.stop_at:
+                trainer.request_stop()
+
+        def on_epoch_end(self, trainer, row):
+            self.bias.append(trainer.model.whiten.bias.detach().clone())
+            self.needs_grad = trainer.model.whiten.bias.requires_grad
+
+    kw = dict(data=str(tiny_folder), model="fastnet-s", epochs=5, batch_size=16, project=str(tmp_path),
+              progress=False, tta="none")
+    rec = Record()
+    full = imgclf.train(name="full", callbacks=[rec], **kw)
+    b = rec.bias
+    assert not torch.equal(b[0], b[1]) and not torch.equal(b[1], b[2])  # epochs 2 and 3 still move it
+    assert torch.equal(b[2], b[3]) and torch.equal(b[3], b[4]) and not rec.needs_grad  # frozen from epoch 4
+    mid = imgclf.train(name="mid", callbacks=[Record(stop_at=(3, 1))], **kw)
+    assert mid.status == "interrupted"
+    imgclf.train(resume=mid.run_dir, progress=False)
+    a, c = (load_checkpoint(r / "last.safetensors").state_dict for r in (full.run_dir, mid.run_dir))
+    assert all(torch.equal(a[k], c[k]) for k in a)

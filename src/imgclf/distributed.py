@@ -243,7 +243,9 @@ class _BatchDropout(nn.Dropout):
     and keeps this process's rows. Every process's global generator is seeded alike, so the masks are the
     one-process masks: processes never share a mask, and the generator state that ``last`` saves does not
     depend on the number of processes. Outside a step (or in eval mode) it is plain nn.Dropout.
-    (On CPU this is ATen's dropout exactly: bernoulli_ on a tensor of the input's shape, divided, multiplied.)"""
+    (On CPU this is ATen's dropout exactly: bernoulli_ on a tensor of the input's shape, divided, multiplied.
+    On CUDA one process draws its masks in a fused kernel with another random stream: same distribution,
+    other masks, so there several processes train a model of the same quality, not the same model.)"""
 
     world: World
 
@@ -314,7 +316,14 @@ def process_group(device: str = "auto") -> Iterator[World]:
     seconds = timeout_s()
     timeout = datetime.timedelta(seconds=seconds)
     if target.type == "cuda":
-        torch.cuda.set_device(target.index if target.index is not None else local_rank)
+        index = target.index if target.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise ImgclfError(
+                f"[rank {rank}/{size}] torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this "
+                f"machine, but it has {torch.cuda.device_count()} GPU(s): each process needs its own "
+                f"(--nproc-per-node {torch.cuda.device_count()}), or pass --device cpu to train on the CPUs, or "
+                "--device cuda:0 with IMGCLF_DIST_BACKEND=gloo to share one GPU (NCCL refuses that)")
+        torch.cuda.set_device(index)
     dist.init_process_group(backend, timeout=timeout)
     try:
         cpu_group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)

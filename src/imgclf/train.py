@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -32,18 +33,24 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .augment import ALTERNATING_FLIP, alternating_flip, build_augment
+from .budget import FIXED_END_SECONDS, Speed, plan_budget
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_LR, TrainConfig, progressive_sizes
 from .data import BUILTINS, Dataset, Preprocess, Split, load_dataset
 from .data.split import stratified_split
 from .data.tensors import Normalizer, channel_stats, to_tensor
 from .errors import ImgclfError
-from .evaluate import (autocast_context, evaluation_from_logits, metrics_from_logits, predict_logits, tta_metrics,
-                       tta_views)
+from .evaluate import (
+    autocast_context,
+    evaluation_from_logits,
+    metrics_from_logits,
+    predict_logits,
+    tta_metrics,
+    tta_views,
+)
 from .models import create_model, model_info
-from .optim import Muon
-from .budget import FIXED_END_SECONDS, Speed, plan_budget
 from .models.fastnet import VARIANTS as FASTNET_VARIANTS
+from .optim import Muon
 from .recipes import resolve
 from .utils import atomic_write_text, native_bf16, resolve_device
 
@@ -199,7 +206,14 @@ class Trainer:
         self.fine_tuning = bool(cfg.init_from or (cfg.pretrained and cfg.pretrained != "none"))
         self.features = None  # cached backbone features for head-only epochs
         self.optimizer = _build_optimizer(cfg, self.model, cfg.backbone_lr_mult if self.fine_tuning else 1.0)
-        self.scheduler = _build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.scheduler = _build_scheduler(cfg, self.optimizer, self.steps_per_epoch,
+                                          getattr(self.model, "stem_bias_epochs", None))
+        # FastNet's whitening bias: its lr reaches 0 after stem_bias_epochs (linear schedule), and from then on it
+        # stops needing a gradient, which spares the backward pass the first conv's input gradient. In several
+        # processes it stays as it is (DistributedDataParallel expects the same parameters to train throughout).
+        self.stem_params = [p for g in self.optimizer.param_groups if g.get("stem") for p in g["params"]]
+        self.stem_epochs = (self.model.stem_bias_epochs if self.stem_params and isinstance(
+            self.scheduler, torch.optim.lr_scheduler.LambdaLR) and self.world.size == 1 else None)
 
         self.notes += self.world.notes(self.model, cfg.batch_size, cfg.sync_bn, self.device)
         # rank 0 picks (and creates) the run folder; the other processes are told its name
@@ -361,6 +375,9 @@ class Trainer:
         if ckpt is None:
             return state
         ts = ckpt.train_state
+        if len(ts["optimizer"]["param_groups"]) != len(self.optimizer.param_groups):
+            raise ImgclfError(f"cannot resume {self.run_dir}: an older imgclf started it with another optimizer "
+                              "layout; finish it with that version, or start a new run")
         self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.state_dict.items()})
         self.optimizer.load_state_dict(ts["optimizer"])
         _match_state_layout(self.optimizer)
@@ -369,7 +386,15 @@ class Trainer:
         torch.set_rng_state(ts["rng"]["torch"])
         if ts["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
-        self.g_augment.set_state(ts["rng"]["augment"])  # generator states are CPU byte tensors
+        # older checkpoints did not say; a CPU generator's state is 5,056 bytes, a CUDA one's 16
+        saved_on = ts["rng"].get("device") or ("cpu" if ts["rng"]["augment"].numel() > 16 else "cuda")
+        if saved_on == self.device.type:
+            self.g_augment.set_state(ts["rng"]["augment"])  # generator states are CPU byte tensors
+        else:  # a CPU and a CUDA generator keep different states: draw from a seed fixed by the position
+            self.g_augment.manual_seed(cfg.seed + 1 + 1_000_003 * (ts["epoch"] + 1) + ts["step"])
+            self.log(f"resume: the run moved from {saved_on} to {self.device.type}; the weights, optimizer and "
+                     "schedule carry over, but the augmentation draws restart from the seed, so the rest of the "
+                     "run differs from one that stayed on one device")
         state.update({k: ts[k] for k in ("epoch", "step", "sums", "best_score", "best_epoch", "bad_epochs",
                                          "history")})
         state["shuffle_state"] = ts["rng"]["shuffle"]
@@ -393,6 +418,9 @@ class Trainer:
                 else:
                     perm = torch.randperm(n, generator=self.g_shuffle)
                 perm = perm.to(self.device)
+                if self.stem_epochs is not None:  # set every epoch, so that a resumed run agrees
+                    for p in self.stem_params:
+                        p.requires_grad_(epoch < self.stem_epochs)
                 frozen = epoch < (cfg.freeze_epochs or 0)
                 sizes = progressive_sizes(cfg.progressive, self.ds.image_size, cfg.epochs)
                 if frozen and self.features is None:
@@ -474,7 +502,8 @@ class Trainer:
                 # 5. validate, record, checkpoint
                 row = self._end_epoch(state, epoch, loss_sum / seen, correct / seen, seconds)
                 if self.budget_end_seconds is not None:
-                    self.cfg = cfg = self.world.from_main(lambda: self._replan(state, time.perf_counter() - t0))
+                    self.cfg = cfg = self.world.from_main(
+                        functools.partial(self._replan, state, time.perf_counter() - t0))
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, row)
                 if cfg.patience and state["bad_epochs"] >= cfg.patience:
@@ -594,6 +623,7 @@ class Trainer:
         if not self.world.is_main:  # one process writes the run folder
             return
         rng = {"torch": torch.get_rng_state(), "shuffle": state["shuffle_state"], "augment": self.g_augment.get_state(),
+               "device": self.device.type,  # the augment generator's kind: its state fits only that kind
                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         train_state = {
             "epoch": state["epoch"], "step": state["step"], "sums": state["sums"],
@@ -789,13 +819,17 @@ def _build_muon(cfg: TrainConfig, model: torch.nn.Module, backbone_lr_mult: floa
         lr = per_example_lr * scale * bs
         return {"params": group, "lr": lr, "momentum": MUON_SGD_MOMENTUM, "weight_decay": wd * bs / lr}
 
+    stem = {id(p) for p in model.stem_parameters()} if hasattr(model, "stem_parameters") else set()
     groups = [
         {"params": [p for p in params if p.ndim >= 2 and id(p) not in head], "muon": True,
          "lr": cfg.resolved_lr() * backbone_lr_mult, "momentum": MUON_MOMENTUM,
          "normalize": getattr(model, "normalized_filters", False)},
-        sgd([p for p in params if p.ndim < 2 and id(p) not in head], MUON_SGD_LR["backbone"] * backbone_lr_mult),
-        sgd([p for p in params if id(p) in head], MUON_SGD_LR["head"]),  # the head last, as in every optimizer
+        sgd([p for p in params if p.ndim < 2 and id(p) not in head | stem],
+            MUON_SGD_LR["backbone"] * backbone_lr_mult),
+        sgd([p for p in params if id(p) in head], MUON_SGD_LR["head"]),
     ]
+    if stem := [p for p in params if id(p) in stem]:  # trains in the first epochs only (see FastNet)
+        groups.append({**sgd(stem, MUON_SGD_LR["backbone"] * backbone_lr_mult), "stem": True})
     return Muon(groups)
 
 
@@ -809,7 +843,8 @@ def _match_state_layout(opt: torch.optim.Optimizer) -> None:
                 st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
-def _build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+def _build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int,
+                     stem_epochs: float | None = None):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle" and cfg.freeze_epochs:
         # fastai's fine_tune: the head-only epochs at the full (constant) lr, then one cycle for the whole net
@@ -821,12 +856,25 @@ def _build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epo
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     if cfg.schedule == "linear":  # straight down to 0 at the last step, no warm-up (the speed records')
-        return torch.optim.lr_scheduler.LambdaLR(opt, LinearDecay(total))
+        stem = StemDecay(round(stem_epochs * steps_per_epoch)) if stem_epochs else LinearDecay(total)
+        return torch.optim.lr_scheduler.LambdaLR(opt, [stem if g.get("stem") else LinearDecay(total)
+                                                       for g in opt.param_groups])
     if cfg.schedule == "plateau":
         mode = "max" if cfg.monitor == "val_acc" else "min"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.plateau_factor,
                                                           patience=cfg.plateau_patience)
     return None
+
+
+class StemDecay:
+    """lr factor 1 -> 0 over the first ``total`` steps, then 0: for parameters that train early only. Its own
+    class, so that a time budget's shortened schedule (which rewrites LinearDecay.total) leaves it alone."""
+
+    def __init__(self, total: int):
+        self.total = max(1, total)
+
+    def __call__(self, step: int) -> float:
+        return max(0.0, 1 - step / self.total)
 
 
 class LinearDecay:
