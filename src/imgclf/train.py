@@ -212,8 +212,9 @@ class Trainer:
         # stops needing a gradient, which spares the backward pass the first conv's input gradient. In several
         # processes it stays as it is (DistributedDataParallel expects the same parameters to train throughout).
         self.stem_params = [p for g in self.optimizer.param_groups if g.get("stem") for p in g["params"]]
-        self.stem_epochs = (self.model.stem_bias_epochs if self.stem_params and isinstance(
-            self.scheduler, torch.optim.lr_scheduler.LambdaLR) and self.world.size == 1 else None)
+        decays = getattr(self.scheduler, "lr_lambdas", [])
+        self.stem_epochs = (self.model.stem_bias_epochs if any(isinstance(fn, StemDecay) for fn in decays)
+                            and self.world.size == 1 else None)
 
         self.notes += self.world.notes(self.model, cfg.batch_size, cfg.sync_bn, self.device)
         # rank 0 picks (and creates) the run folder; the other processes are told its name
