@@ -13,6 +13,7 @@ from imgclf.checkpoint import load_checkpoint
 from imgclf.models import create_model, list_models
 from imgclf.models._kernels import conv3x3
 from imgclf.train import Callback
+from test_distributed import _flags, _launch, _weights
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -35,10 +36,6 @@ class StopAt(Callback):
     def on_step_end(self, trainer, epoch, step, loss):
         if (epoch, step) == self.at:
             trainer.request_stop()
-
-
-def _weights(run_dir, name="last"):
-    return load_checkpoint(run_dir / f"{name}.safetensors").state_dict
 
 
 def _train(data, tmp_path, **kw):
@@ -167,8 +164,6 @@ def test_efficientnet_pretrained_on_the_gpu(deterministic):
 def test_two_processes_share_one_gpu(tiny_folder, tmp_path, sync_bn):
     """torchrun, 2 processes on cuda:0 (gloo: NCCL refuses two ranks on one GPU) through DistributedDataParallel
     on CUDA tensors. With --sync-bn, BatchNorm sees the whole batch: close to the model one process trains."""
-    from test_distributed import _flags, _launch
-
     # FastNet: BatchNorm and no dropout (CUDA's one-process dropout masks come from another random stream)
     settings = dict(model="fastnet-s", recipe="seed", optimizer="sgd", lr=0.05, augment="none", precision="fp32",
                     batch_size=16, seed=5, epochs=2, device="cuda:0")
@@ -195,8 +190,6 @@ def test_two_processes_share_one_gpu(tiny_folder, tmp_path, sync_bn):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")
 def test_nccl_over_two_gpus(tiny_folder, tmp_path):
-    from test_distributed import _flags, _launch
-
     settings = dict(model="seed-cnn-bn", recipe="seed", augment="none", batch_size=16, seed=5, epochs=2,
                     device="cuda")
     proc, _ = _launch(["-m", "imgclf", "train", "--data", str(tiny_folder), "--project", str(tmp_path / "two"),

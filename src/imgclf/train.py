@@ -369,8 +369,9 @@ class Trainer:
         self.g_shuffle = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.g_augment = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         # which images start mirrored under alternating flips: fixed by the seed, so nothing to save
-        self.flip_bits = (torch.rand(len(self.y_train), generator=torch.Generator().manual_seed(cfg.seed + 2)) < 0.5
-                          if cfg.augment in ALTERNATING_FLIP else None)
+        # (on the training device, so that a step indexes it without a copy back to the host)
+        self.flip_bits = ((torch.rand(len(self.y_train), generator=torch.Generator().manual_seed(cfg.seed + 2)) < 0.5
+                           ).to(self.device) if cfg.augment in ALTERNATING_FLIP else None)
         state = {"epoch": 0, "step": 0, "sums": [0.0, 0, 0], "best_score": None, "best_epoch": None,
                  "bad_epochs": 0, "history": [], "shuffle_state": self.g_shuffle.get_state()}
         if ckpt is None:
@@ -450,7 +451,7 @@ class Trainer:
                         else:
                             xb = self.normalizer(self.x_train[idx])
                             if self.flip_bits is not None:
-                                xb = alternating_flip(xb, self.flip_bits[idx.cpu()], epoch)
+                                xb = alternating_flip(xb, self.flip_bits[idx], epoch)
                             g = self.g_augment if share is None else share.generator
                             xb = self.augment(xb, g)
                             if sizes[epoch] != xb.shape[-1]:  # progressive resizing: a smaller input early on
@@ -534,7 +535,7 @@ class Trainer:
                                               else ""))
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
             for fn in self.scheduler.lr_lambdas:
-                if isinstance(fn, LinearDecay):
+                if type(fn) is LinearDecay:  # not StemDecay: the stem's epochs stay as they were
                     fn.total = max(fit, done + 1) * self.steps_per_epoch
         return dataclasses.replace(cfg, epochs=max(fit, done))
 
@@ -867,17 +868,6 @@ def _build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epo
     return None
 
 
-class StemDecay:
-    """lr factor 1 -> 0 over the first ``total`` steps, then 0: for parameters that train early only. Its own
-    class, so that a time budget's shortened schedule (which rewrites LinearDecay.total) leaves it alone."""
-
-    def __init__(self, total: int):
-        self.total = max(1, total)
-
-    def __call__(self, step: int) -> float:
-        return max(0.0, 1 - step / self.total)
-
-
 class LinearDecay:
     """lr factor 1 -> 0 over ``total`` steps. An object, not a lambda, so the scheduler's state_dict saves
     ``total`` (a time budget may shorten it mid-run) and a resumed run decays the same way."""
@@ -887,6 +877,11 @@ class LinearDecay:
 
     def __call__(self, step: int) -> float:
         return max(0.0, 1 - step / self.total)
+
+
+class StemDecay(LinearDecay):
+    """LinearDecay over the first ``total`` steps, then 0: for parameters that train early only. A class of its
+    own so that a time budget's shortened schedule (which rewrites LinearDecay.total) leaves it alone."""
 
 
 class PhasedOneCycle:
