@@ -34,6 +34,11 @@ def test_run_folder_resolves_to_best(tmp_path):
     assert load_checkpoint(tmp_path).meta["kind"] == "last"
     save_checkpoint(tmp_path / "best.safetensors", m, {"kind": "best"})
     assert load_checkpoint(tmp_path).meta["kind"] == "best"
+    # runs/NAME/best and runs/NAME/last, without the extension, as Ultralytics users write them
+    assert load_checkpoint(tmp_path / "last").meta["kind"] == "last"
+    assert load_checkpoint(tmp_path / "best").meta["kind"] == "best"
+    with pytest.raises(ImgclfError, match="runs/NAME/best"):
+        load_checkpoint(tmp_path / "worst")
 
 
 def test_pickle_is_refused_and_never_unpickled(tmp_path):

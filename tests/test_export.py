@@ -186,6 +186,67 @@ def test_bn_before_maxpool_is_exact(tmp_path):
     assert export_mod.bn_before_maxpool(_fastnet_onnx(tmp_path / "c.onnx", negate_first_scale=True)) == 2
 
 
+def _gelu_qdq(x_scale, x_zero, y_scale, y_zero):
+    """uint8 -> DequantizeLinear -> Gelu -> QuantizeLinear -> uint8: how a quantizer leaves a GELU."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = [numpy_helper.from_array(np.array(v, dt), n) for v, dt, n in
+              [(x_scale, np.float32, "xs"), (x_zero, np.uint8, "xz"), (y_scale, np.float32, "ys"),
+               (y_zero, np.uint8, "yz")]]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xf"]),
+             helper.make_node("Gelu", ["xf"], ["g"]),
+             helper.make_node("QuantizeLinear", ["g", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.UINT8, [256])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [256])], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("x_scale,x_zero,y_scale,y_zero", [(0.03, 128, 0.025, 10), (0.05, 60, 0.05, 5),
+                                                           (0.01, 200, 0.004, 40)])
+def test_gelu_in_int8_matches_gelu_on_every_code(x_scale, x_zero, y_scale, y_zero):
+    """QLinearSigmoid + QLinearMul give, for each of the 256 uint8 inputs, GELU's code within one step
+    (x * sigmoid(1.702 x) is within 0.021 of GELU), and the float round trip is gone from the graph."""
+    import onnxruntime as ort
+
+    model = _gelu_qdq(x_scale, x_zero, y_scale, y_zero)
+    codes = np.arange(256, dtype=np.uint8)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": codes})[0].astype(int)
+
+    exact = run(model)
+    assert export_mod.gelu_in_int8(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["QLinearSigmoid", "QLinearMul"]
+    fast = run(model)
+    assert len(set(exact)) > 20  # the test covers a real range of outputs
+    assert np.abs(fast - exact).max() <= max(1, round(0.021 / y_scale + 0.5))
+
+
+def test_gelu_in_int8_leaves_other_gelus_alone():
+    """A GELU whose output is not re-quantized (or the tanh form) stays as it is."""
+    model = _gelu_qdq(0.03, 128, 0.025, 10)
+    model.graph.node[1].attribute.extend([onnx.helper.make_attribute("approximate", "tanh")])
+    assert export_mod.gelu_in_int8(model) == 0 and len(model.graph.node) == 3
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not CIFAR_JPEG.exists(), reason="needs ../shared/datasets/cifar10-jpeg.tar.gz")
+def test_int8_fastnet_on_cifar(tmp_path):
+    """The default model in int8, GELUs on uint8: accuracy kept (FastNet-S, 1 epoch on 10% of CIFAR-10)."""
+    run = imgclf.train(data=str(CIFAR_JPEG), model="fastnet-s", epochs=1, fraction=0.1, tta="none",
+                       project=str(tmp_path), name="fast", progress=False)
+    report = export(run.run_dir / "best", int8=True, out=tmp_path / "m.int8.onnx", check_images=1000,
+                    speed=False, progress=False)  # raises ParityError if int8 loses > 0.5 points
+    pt, fp32, int8 = report.rows
+    assert fp32.agreement == 1.0 and int8.agreement >= 0.95, report.table()
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.int8.onnx")).graph.node]
+    assert ops.count("QLinearSigmoid") == 6 and ops.count("Gelu") == 1  # the last one feeds the fp32 head
+    assert "uint8" in load_onnx(tmp_path / "m.int8.onnx").meta["onnx"]["gelu"]
+
+
 @pytest.mark.realdata
 @pytest.mark.skipif(not CIFAR_JPEG.exists(), reason="needs ../shared/datasets/cifar10-jpeg.tar.gz")
 def test_int8_accuracy_on_cifar(cifar_seed_run, tmp_path):

@@ -89,6 +89,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A run folder -> its best (else last) checkpoint; ``runs/NAME/best`` -> ``runs/NAME/best.safetensors``."""
     path = Path(path)
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
@@ -96,8 +97,11 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
                 return path / name
         raise ImgclfError(f"{path} holds no checkpoint (best.safetensors or last.safetensors); "
                           "pass a run folder written by `imgclf train` or a .safetensors file")
+    if not path.exists() and not path.suffix and path.with_suffix(".safetensors").is_file():
+        return path.with_suffix(".safetensors")  # runs/NAME/best, as Ultralytics users write it
     if not path.exists():
-        raise ImgclfError(f"checkpoint {path} not found; pass a run folder (runs/NAME) or a .safetensors file")
+        raise ImgclfError(f"checkpoint {path} not found; pass a run folder (runs/NAME), runs/NAME/best, or a "
+                          ".safetensors file")
     return path
 
 

@@ -250,11 +250,75 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, calib_x: np.ndarray, r
                         nodes_to_exclude=output_layers(graph),
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         model = onnx.load(str(q))
+    gelus = gelu_in_int8(model)
     meta = json.loads(props["imgclf"])
     meta["onnx"].update(precision="int8", reduce_range=reduce_range, calibration_images=len(calib_x),
+                        **({"gelu": f"x * sigmoid({GELU_SIGMOID_K} x) on uint8 ({gelus} layers)"} if gelus else {}),
                         **(extra_meta or {}))
     props.update(imgclf=json.dumps(meta), precision="int8")
     return _save_with_metadata(model, out, props)
+
+
+GELU_SIGMOID_K = 1.702  # GELU(x) ~ x * sigmoid(1.702 x) (Hendrycks & Gimpel 2016), within 0.021 everywhere
+
+
+def gelu_in_int8(model) -> int:
+    """Run each GELU between a DequantizeLinear and a QuantizeLinear on uint8 (in place; returns how many).
+
+    ONNX Runtime has no quantized GELU, so a quantized net leaves uint8, computes GELU in float and comes back,
+    three passes over the activations that took a quarter of FastNet's int8 time. GELU(x) is close to
+    x * sigmoid(1.702 x), and ORT has both halves on uint8: QLinearSigmoid (a 256-entry lookup table; reading
+    the same uint8 codes with 1.702x their scale makes its input 1.702 x) and QLinearMul, which writes the
+    product with the calibrated output scale of the QuantizeLinear it replaces. The approximation's error is
+    below one quantization step of a typical activation; the accuracy gate of :func:`export` still judges it.
+    FastNet at batch 256 on a 2-core Xeon: 1,666 -> 2,227 img/s."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    replaced: dict[int, list] = {}  # id(QuantizeLinear) -> the nodes that take its place
+    dropped: set[int] = set()
+    for gelu in g.node:
+        if gelu.op_type != "Gelu" or any(a.name == "approximate" and a.s == b"tanh" for a in gelu.attribute):
+            continue
+        dq, after = producer.get(gelu.input[0]), users.get(gelu.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(after) != 1 or after[0].op_type != "QuantizeLinear":
+            continue
+        q = after[0]
+        if len(users[dq.output[0]]) != 1 or not all(n in consts for n in [*dq.input[1:], *q.input[1:]]):
+            continue
+        x, scale = dq.input[0], consts[dq.input[1]]
+        if scale.size != 1 or len(dq.input) < 3 or len(q.input) < 3:  # per-tensor, explicit zero points
+            continue
+        base = gelu.output[0]
+        g.initializer.extend([
+            numpy_helper.from_array((scale * GELU_SIGMOID_K).astype(np.float32), base + "/sig_x_scale"),
+            numpy_helper.from_array(np.array(1 / 256, np.float32), base + "/sig_scale"),  # sigmoid in [0, 1)
+            numpy_helper.from_array(np.array(0, np.uint8), base + "/sig_zero")])
+        sig = base + "/sigmoid"
+        replaced[id(q)] = [
+            helper.make_node("QLinearSigmoid", [x, base + "/sig_x_scale", dq.input[2], base + "/sig_scale",
+                                                base + "/sig_zero"], [sig], name=base + "/QLinearSigmoid",
+                             domain="com.microsoft"),
+            helper.make_node("QLinearMul", [x, dq.input[1], dq.input[2], sig, base + "/sig_scale",
+                                            base + "/sig_zero", q.input[1], q.input[2]], [q.output[0]],
+                             name=base + "/QLinearMul", domain="com.microsoft")]
+        dropped.update((id(dq), id(gelu)))
+    if replaced:
+        nodes = []
+        for n in g.node:
+            nodes += replaced.get(id(n), [] if id(n) in dropped else [n])
+        nodes = [type(n).FromString(n.SerializeToString()) for n in nodes]
+        del g.node[:]
+        g.node.extend(nodes)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replaced)
 
 
 def relu_before_maxpool(model) -> int:

@@ -195,6 +195,8 @@ class Trainer:
         self.x_train = to_tensor(ds.train.x, self.device)
         self.y_train = torch.from_numpy(ds.train.y).to(self.device)
         self.val = None if val is None else (to_tensor(val.x, self.device), torch.from_numpy(val.y))
+        self.val_is_test = val is not None and val is ds.test
+        self.scored_test: tuple[int, torch.Tensor] | None = None  # (epoch, its test logits) when val is test
         if resume_ckpt is None and init is None and not (cfg.pretrained and cfg.pretrained != "none"):
             self._init_from_data()
         self.steps_per_epoch = _steps_per_epoch(len(self.y_train), cfg.batch_size)
@@ -566,6 +568,8 @@ class Trainer:
                                                channels_last=cfg.channels_last)
             m = metrics_from_logits(logits, self.val[1], self.ds.classes)
             val_loss, val_acc = m["loss"], m["top1"]
+            if self.val_is_test:  # the final test of these same weights needs no second pass
+                self.scored_test = (epoch + 1, logits)
         else:
             val_loss, val_acc = float("nan"), float("nan")
         # the head's lr (the backbone's is lower when fine-tuning); with Muon the filters' (its SGD groups'
@@ -674,9 +678,13 @@ class Trainer:
             else:  # asked for the last weights, or no epoch was ever scored (--val-every 0 cut short)
                 final = "last"
             if self.ds.test is not None:
-                logits = predict_logits(self.model, to_tensor(self.ds.test.x, self.device), self.normalizer,
-                                        batch_size=cfg.eval_batch_size, autocast_dtype=self.autocast_dtype,
-                                        channels_last=cfg.channels_last)
+                final_epoch = state["best_epoch"] if final == "best" else state["epoch"]
+                if self.scored_test is not None and self.scored_test[0] == final_epoch:
+                    logits = self.scored_test[1]  # validated on the test split with these very weights
+                else:
+                    logits = predict_logits(self.model, to_tensor(self.ds.test.x, self.device), self.normalizer,
+                                            batch_size=cfg.eval_batch_size, autocast_dtype=self.autocast_dtype,
+                                            channels_last=cfg.channels_last)
                 # the report's numbers (evaluate.py) from these same logits: no second forward pass
                 evaluation = evaluation_from_logits(logits, self.ds.test.y, self.ds.classes, self.ds.test.x)
                 test_metrics = {k: evaluation.metrics[k] for k in ("n", "loss", "top1", "top5",
