@@ -23,12 +23,14 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -63,7 +65,8 @@ def run_imgclf(work: Path, extra: list[str]) -> dict:
     wall = timed(cmd, work / "imgclf.log")
     run = work / "runs" / "record"
     info = json.loads((run / "run.json").read_text())
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     curve, total = [], 0.0
     for r in rows:
         total += float(r["seconds"])
@@ -97,6 +100,7 @@ def main() -> None:
     ap.add_argument("--skip-yardstick", action="store_true")
     ap.add_argument("--yardstick-fp32", action="store_true", help="run the yardstick in fp32 even on a bf16 CPU")
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--keep", help="copy imgclf's run folder here (e.g. to export it afterwards)")
     a = ap.parse_args()
 
     import torch
@@ -104,14 +108,19 @@ def main() -> None:
     from imgclf.utils import native_bf16
 
     bf16 = native_bf16(torch.device("cpu")) and not a.yardstick_fp32
-    machine = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(torch.device("cpu")),
-               "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__}
+    machine = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "native_bf16": native_bf16(torch.device("cpu")), "cores": len(os.sched_getaffinity(0)),
+               "torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="imgclf-record-") as tmp:
         work = Path(tmp)
         ours = run_imgclf(work, shlex.split(a.args))
+        if a.keep:
+            shutil.copytree(work / "runs" / "record", a.keep)
+            ours["kept"] = a.keep
         peer = None if a.skip_yardstick else run_yardstick(work, bf16)
 
-    rows = [("imgclf (" + ours["precision"] + ")", ours)] + ([("yardstick (" + peer["precision"] + ")", peer)] if peer else [])
+    rows = [("imgclf (" + ours["precision"] + ")", ours)]
+    rows += [("yardstick (" + peer["precision"] + ")", peer)] if peer else []
     print(f"\n{'recipe':<22}{'test':>8}{'TTA':>8}{'whole s':>9}{'train s':>9}{'to 90%':>8}")
     for name, r in rows:
         tta = f"{r['tta_test_acc']:.2%}" if r["tta_test_acc"] is not None else "-"

@@ -48,6 +48,37 @@ def per_image_rate(clf, x: torch.Tensor, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def matmul_peaks(n: int = 2048, seconds: float = 2.0) -> dict[str, float]:
+    """GOP/s of an n x n x n matrix product on this CPU: PyTorch fp32, and ONNX Runtime u8 x s8 (the int8
+    kernels' instruction mix). Their ratio bounds what int8 can gain over fp32 here: where int8 arithmetic
+    is only ~4-5x fp32's, "4x PyTorch eager fp32" needs int8 kernels at least as close to their peak as
+    fp32's are to theirs."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def rate(fn) -> float:
+        fn()
+        k, t0 = 0, time.perf_counter()
+        while k < 3 or time.perf_counter() - t0 < seconds:
+            fn()
+            k += 1
+        return 2 * n ** 3 * k / (time.perf_counter() - t0) / 1e9
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    w = np.random.default_rng(0).integers(-127, 128, (n, n), dtype=np.int8)
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x8 = np.random.default_rng(1).integers(0, 256, (n, n), dtype=np.uint8)
+    return {"torch_fp32": round(rate(lambda: a @ b), 1),
+            "ort_u8s8": round(rate(lambda: sess.run(None, {"a": x8})), 1)}
+
+
 def targets(args) -> list[tuple[str, Classifier, object]]:
     """(label, classifier, dataset) for each run given, else each model (untrained) on CIFAR-10."""
     out = []
@@ -107,8 +138,18 @@ def main() -> None:
                     print(f"{label:<34} {backend:<13} batch 1 {r['batch1_ips']:>8,.0f} img/s   batch 256 "
                           f"{r['batch256_ips']:>8,.0f} img/s   top-1 {'-' if acc is None else f'{acc:.2%}'}",
                           flush=True)
+    for r in rows:  # each backend against the same model's PyTorch eager fp32, batch 256
+        eager = next(e for e in rows if e["model"] == r["model"] and e["backend"] == "pytorch fp32")
+        r["x_eager_batch256"] = round(r["batch256_ips"] / eager["batch256_ips"], 2)
+    env["matmul_peak_gop_s"] = peaks = matmul_peaks()
     env["load_avg_after"] = os.getloadavg()[0]
     if not args.json:
+        for r in rows:
+            if r["backend"] == "onnx int8":
+                print(f"{r['model']:<34} int8 at batch 256: {r['x_eager_batch256']:.2f}x PyTorch eager fp32")
+        print(f"matmul 2048^3 on this CPU: torch fp32 {peaks['torch_fp32']:,.0f} GFLOP/s, ORT u8s8 "
+              f"{peaks['ort_u8s8']:,.0f} GOP/s ({peaks['ort_u8s8'] / peaks['torch_fp32']:.1f}x: the most int8 "
+              "arithmetic can gain here)")
         print(f"(torch threads {env['torch_threads']}, {env['cpus']} CPUs, reduce_range {env['reduce_range']}, "
               f"load average {env['load_avg_before']:.1f} -> {env['load_avg_after']:.1f})")
     print(json.dumps({"env": env, "rows": rows}))

@@ -94,12 +94,13 @@ def main() -> None:
             r["share_of_matmul_peak"] = round(r["gflop_s"] / peaks[r["precision"]], 3)
             rows.append(r)
             print(f"{r['model']:<20}{r['precision']:>6}{r['side']:>5}px bs{r['batch']:<5}{r['img_s']:>9.0f} img/s"
-                  f"{r['gflop_per_img']:>8.2f} GF/img{r['gflop_s']:>8.0f} GF/s {r['share_of_matmul_peak']:>6.0%} of peak",
+                  f"{r['gflop_per_img']:>8.2f} GF/img{r['gflop_s']:>8.0f} GF/s "
+                  f"{r['share_of_matmul_peak']:>6.0%} of peak",
                   flush=True)
     info = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(cpu),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "matmul_peak_gflop_s": peaks, "models": rows}
-    print(f"matmul 2048x2048 peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+    print("matmul 2048x2048 peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print(json.dumps(info))
     if a.json:
         with open(a.json, "w") as f:

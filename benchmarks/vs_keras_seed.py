@@ -96,7 +96,8 @@ def run_imgclf(work: Path, epochs: int) -> dict:
     wall = time.perf_counter() - t0
     run = work / "runs" / "seed"
     info = json.loads((run / "run.json").read_text())
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     return {"command": " ".join(["imgclf"] + cmd[3:-5]), "wall_s": wall,
             "train_s": sum(float(r["seconds"]) for r in rows), "test_acc": info["test_metrics"]["top1"],
             "last_epoch_val_acc": float(rows[-1]["val_acc"]), "precision": info["precision"]}
@@ -120,8 +121,9 @@ def main() -> None:
               "ratio_imgclf_whole_vs_keras_fit": round(ours["wall_s"] / keras["fit_s"], 3),
               "ratio_imgclf_train_vs_keras_fit": round(ours["train_s"] / keras["fit_s"], 3)}
     print(f"\n{'':<10}{'test acc':>10}{'train s':>9}{'whole s':>9}")
-    print(f"{'keras':<10}{keras['test_acc']:>10.2%}{keras['fit_s']:>9.0f}{keras['wall_s']:>9.0f}   (TF {keras['tensorflow']})")
-    print(f"{'imgclf':<10}{ours['test_acc']:>10.2%}{ours['train_s']:>9.0f}{ours['wall_s']:>9.0f}   ({ours['precision']})")
+    for name, r, secs, note in (("keras", keras, keras["fit_s"], f"TF {keras['tensorflow']}"),
+                                ("imgclf", ours, ours["train_s"], ours["precision"])):
+        print(f"{name:<10}{r['test_acc']:>10.2%}{secs:>9.0f}{r['wall_s']:>9.0f}   ({note})")
     print(f"imgclf's whole command took {result['ratio_imgclf_whole_vs_keras_fit']:.2f}x Keras's fit time "
           f"(its epochs alone {result['ratio_imgclf_train_vs_keras_fit']:.2f}x)")
     print(json.dumps(result))

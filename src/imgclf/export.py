@@ -475,6 +475,12 @@ class ExportReport:
         for r in self.rows:
             lines.append(f"{r.name:<13} {f(r.agreement, '>11.2%')} {f(r.max_logit_diff, '>12.2e')} "
                          f"{f(r.accuracy, '>9.2%')} {_size(r.size_bytes):>10} {f(r.images_per_s, '>10,.0f')}")
+        speed = {r.name: r.images_per_s for r in self.rows if r.images_per_s}
+        size = {r.name: r.size_bytes for r in self.rows}
+        if "onnx int8" in speed and {"pytorch fp32", "onnx fp32"} <= speed.keys():
+            lines.append(f"int8 at batch 256: {speed['onnx int8'] / speed['onnx fp32']:.1f}x ONNX Runtime fp32, "
+                         f"{speed['onnx int8'] / speed['pytorch fp32']:.1f}x PyTorch eager fp32, "
+                         f"{_size(size['onnx fp32'])} -> {_size(size['onnx int8'])}")
         lines += [f"warning: {w}" for w in self.warnings]
         lines += [f"failed: {f}" for f in self.failures]
         lines.append(f"{'ok' if self.ok else 'FAILED'}: {self.out}")
