@@ -55,6 +55,22 @@ def test_natural_class_order_and_test_as_validation_note(tmp_path, capsys):
     assert load_checkpoint(r.run_dir).meta["classes"] == ["c1", "c2", "c10"]
 
 
+@pytest.mark.parametrize("val_split,passes", [(0.0, 0), (0.25, 1)])
+def test_final_test_reuses_the_validation_on_test(tiny_folder, tmp_path, monkeypatch, val_split, passes):
+    """Validating on the test split scores the final weights already: the final test then makes no second
+    pass and reports the same figures; with a validation split of its own it scores the test split once."""
+    import importlib
+
+    train_mod = importlib.import_module("imgclf.train")  # `imgclf.train` is the function
+    calls = []
+    real = train_mod.predict_logits
+    monkeypatch.setattr(train_mod, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r = _train(tiny_folder, tmp_path, epochs=2, val_split=val_split, tta="none")
+    assert len(calls) == passes
+    if not passes:
+        assert r.test_metrics["loss"] == pytest.approx(r.history[r.best_epoch - 1]["val_loss"], abs=1e-6)
+
+
 def _weights(run_dir, name="last"):
     return load_checkpoint(run_dir / f"{name}.safetensors").state_dict
 
