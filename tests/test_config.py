@@ -71,6 +71,8 @@ def test_photo_recipe_for_large_images():
     assert any("160px" in w for w in why)
     small, _ = resolve(TrainConfig(data="photos"), probe=ImageProbe(100))
     assert small.image_size == 96
+    # photos of about 150 px (their median shorter side 143-150): 144 px, not 128
+    assert {resolve(TrainConfig(data="photos"), probe=ImageProbe(n))[0].image_size for n in (143, 150)} == {144}
     mine, _ = resolve(TrainConfig(data="photos", model="seed-cnn"), probe=ImageProbe(375))
     assert mine.model == "seed-cnn" and mine.pretrained is None
     with pytest.raises(ImgclfError, match="freeze-epochs"):

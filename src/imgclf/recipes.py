@@ -75,7 +75,7 @@ def resolve(cfg: TrainConfig, probe: ImageProbe | None = None) -> tuple[TrainCon
     if cfg.lr is None and cfg.optimizer is not None and cfg.optimizer != defaults["optimizer"]:
         fill["lr"] = DEFAULT_LR[cfg.optimizer]  # the recipe's lr was tuned for its own optimizer
     if name == "photo" and cfg.image_size is None and native_side:
-        side = max(PHOTO_MIN_SIDE, min(PHOTO_MAX_SIDE, native_side // 16 * 16))
+        side = max(PHOTO_MIN_SIDE, min(PHOTO_MAX_SIDE, round(native_side / 16) * 16))  # nearest multiple of 16
         fill["image_size"] = side
         why.append(f"image size {side}px: the photos' median shorter side {native_side}px, capped at "
                    f"{PHOTO_MAX_SIDE}px for CPU speed (set --image-size to change)")
