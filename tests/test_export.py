@@ -234,6 +234,11 @@ def test_gelu_in_int8_leaves_other_gelus_alone():
     model = _gelu_qdq(0.03, 128, 0.025, 10)
     model.graph.node[1].attribute.extend([onnx.helper.make_attribute("approximate", "tanh")])
     assert export_mod.gelu_in_int8(model) == 0 and len(model.graph.node) == 3
+    signed = _gelu_qdq(0.03, 0, 0.025, 0)  # int8 activations: the uint8 sigmoid cannot be multiplied in
+    for init in signed.graph.initializer:
+        if init.name in ("xz", "yz"):
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array(0, np.int8), init.name))
+    assert export_mod.gelu_in_int8(signed) == 0
 
 
 @pytest.mark.realdata

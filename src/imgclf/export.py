@@ -269,8 +269,9 @@ def gelu_in_int8(model) -> int:
     three passes over the activations that took a quarter of FastNet's int8 time. GELU(x) is close to
     x * sigmoid(1.702 x), and ORT has both halves on uint8: QLinearSigmoid (a 256-entry lookup table; reading
     the same uint8 codes with 1.702x their scale makes its input 1.702 x) and QLinearMul, which writes the
-    product with the calibrated output scale of the QuantizeLinear it replaces. The approximation's error is
-    below one quantization step of a typical activation; the accuracy gate of :func:`export` still judges it.
+    product with the calibrated output scale of the QuantizeLinear it replaces. The approximation is within
+    0.021 of GELU (tests/test_export.py checks every input code); the accuracy gate of :func:`export` judges
+    the whole model.
     FastNet at batch 256 on a 2-core Xeon: 1,666 -> 2,227 img/s."""
     from onnx import helper, numpy_helper
 
@@ -293,8 +294,9 @@ def gelu_in_int8(model) -> int:
         if len(users[dq.output[0]]) != 1 or not all(n in consts for n in [*dq.input[1:], *q.input[1:]]):
             continue
         x, scale = dq.input[0], consts[dq.input[1]]
-        if scale.size != 1 or len(dq.input) < 3 or len(q.input) < 3:  # per-tensor, explicit zero points
-            continue
+        if (scale.size != 1 or len(dq.input) < 3 or len(q.input) < 3  # per-tensor, explicit zero points
+                or consts[dq.input[2]].dtype != np.uint8 or consts[q.input[2]].dtype != np.uint8):
+            continue  # QLinearMul wants both inputs of one type, and the sigmoid here is uint8
         base = gelu.output[0]
         g.initializer.extend([
             numpy_helper.from_array((scale * GELU_SIGMOID_K).astype(np.float32), base + "/sig_x_scale"),
