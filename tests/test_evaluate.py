@@ -122,6 +122,17 @@ def test_training_numbers_equal_evaluate_json(tiny_run, capsys):
     assert "precision" in out and "confusion matrix" in out and "ECE" in out
 
 
+def test_evaluate_reads_training_cache_entry(tiny_run, capsys):
+    """The run's data is asked for as training asked for it (native size), so evaluate finds the arrays
+    training decoded instead of decoding a second copy under another cache key."""
+    from imgclf.data import cache
+
+    entries = sorted(p.name for p in cache.cache_dir().iterdir())
+    assert imgclf.load(tiny_run.run_dir).meta["data"]["image_size"] is None  # the folder's native 32 px
+    code, _, _ = _cli(capsys, "evaluate", str(tiny_run.run_dir), "--json", "--no-progress", "--no-save")
+    assert code == 0 and sorted(p.name for p in cache.cache_dir().iterdir()) == entries
+
+
 def test_calibrate_and_tta_on_a_run(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run.run_dir, run)  # calibrating rewrites the checkpoint: not the shared run's

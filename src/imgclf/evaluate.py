@@ -137,7 +137,7 @@ def compute_evaluation(model: str | Path | Any, data: str | None = None, *, spli
     if tta is not None and tta not in TTA_MODES:
         raise ImgclfError(f"--tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
     clf = model if hasattr(model, "logits") else load(model, device=device)  # any backend's classifier
-    ds = _load_for(clf, data, progress=progress)
+    ds = load_run_data(clf, data, progress=progress)
     part = {"test": ds.test, "val": ds.val, "train": ds.train}.get(split, "bad")
     if part == "bad":
         raise ImgclfError(f"split must be test, val or train; got {split!r}")
@@ -266,13 +266,13 @@ def calibrate_classifier(clf: Any, ds: Any, calibration_data: str | None, *, bat
     from .checkpoint import load_checkpoint, save_checkpoint
 
     if calibration_data is not None:
-        ds = _load_for(clf, calibration_data, progress=progress)
+        ds = load_run_data(clf, calibration_data, progress=progress)
         parts = [p for p in (ds.train, ds.val, ds.test) if p is not None]
         x = np.concatenate([p.x for p in parts])
         y = np.concatenate([remap_labels(p.y, ds.classes, clf.classes) for p in parts])
         where = f"all {len(y):,} images of {ds.source}"
     else:
-        ds = ds if ds is not None else _load_for(clf, None, progress=progress)
+        ds = ds if ds is not None else load_run_data(clf, None, progress=progress)
         if ds.val is None:
             raise ImgclfError("this run has no validation split (it validated on its test set), so a temperature "
                               "fitted here would be tuned on test data; pass --calibration-data FOLDER with "
@@ -363,7 +363,7 @@ def format_evaluation(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _load_for(clf: Any, data: str | None, *, progress: bool):
+def load_run_data(clf: Any, data: str | None, *, progress: bool):
     """The run's own dataset (same source, same seeded splits) or ``data`` decoded as the checkpoint expects."""
     from .data import load_dataset
 
@@ -372,11 +372,19 @@ def _load_for(clf: Any, data: str | None, *, progress: bool):
         return load_dataset(data, image_size=spec.image_size, channels=spec.channels, progress=progress)
     if not rec.get("source"):
         raise ImgclfError("this checkpoint does not record its data; pass --data")
-    # a built-in dataset is found again by its name (same cache entry); anything else by its path
-    return load_dataset(rec.get("builtin") or rec["source"], image_size=spec.image_size,
-                        channels=spec.channels, val_split=rec.get("val_split", 0.0),
-                        test_split=rec.get("test_split", 0.0), seed=rec.get("seed", 0),
-                        skip_bad_images=rec.get("skip_bad_images", False), progress=progress)
+    # a built-in dataset is found again by its name, anything else by its path; asked for as training asked
+    # (e.g. native size, image_size None), the decoded arrays come from training's cache entry
+    def load(image_size, channels):
+        return load_dataset(rec.get("builtin") or rec["source"], image_size=image_size, channels=channels,
+                            val_split=rec.get("val_split", 0.0), test_split=rec.get("test_split", 0.0),
+                            seed=rec.get("seed", 0), skip_bad_images=rec.get("skip_bad_images", False),
+                            progress=progress)
+
+    if "image_size" in rec:
+        ds = load(rec["image_size"], rec.get("channels"))
+        if (ds.image_size, ds.channels) == (spec.image_size, spec.channels):
+            return ds
+    return load(spec.image_size, spec.channels)
 
 
 def remap_labels(y: np.ndarray, data_classes: list[str], model_classes: list[str]) -> np.ndarray:

@@ -613,17 +613,9 @@ def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
 def run_dataset(clf: BaseClassifier, data: str | None, progress: bool):
     """The run's own data (same source, same seeded split, as evaluate finds it) or other data, decoded
     with the model's preprocessing."""
-    from .data import load_dataset
+    from .evaluate import load_run_data
 
-    spec, rec = clf.preprocess, clf.meta.get("data", {})
-    if data is not None:
-        return load_dataset(data, image_size=spec.image_size, channels=spec.channels, progress=progress)
-    if not rec.get("source"):
-        raise ImgclfError("this checkpoint does not record its data; pass --data with test images")
-    return load_dataset(rec.get("builtin") or rec["source"], image_size=spec.image_size, channels=spec.channels,
-                        val_split=rec.get("val_split", 0.0), test_split=rec.get("test_split", 0.0),
-                        seed=rec.get("seed", 0), skip_bad_images=rec.get("skip_bad_images", False),
-                        progress=progress)
+    return load_run_data(clf, data, progress=progress)
 
 
 def _size(n: int) -> str:

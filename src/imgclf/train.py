@@ -161,6 +161,8 @@ class Trainer:
             ds = load_dataset(cfg.data, image_size=image_size, channels=channels, val_split=cfg.val_split,
                               test_split=cfg.test_split, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
                               progress=self.progress)
+        # recorded with the checkpoint: evaluate/export ask for the data the same way and hit the same cache entry
+        self.decode_args = {"image_size": image_size, "channels": channels}
         if cfg.fraction < 1.0:
             _, keep = stratified_split(ds.train.y, cfg.fraction, np.random.default_rng(cfg.seed))
             ds.train = Split(ds.train.x[keep], ds.train.y[keep])
@@ -618,7 +620,8 @@ class Trainer:
             "channels_last": cfg.channels_last,
             "data": {"source": ds.source, "name": ds.name, "builtin": cfg.data if cfg.data in BUILTINS else None,
                      "val_split": cfg.val_split,
-                     "test_split": cfg.test_split, "seed": cfg.seed, "skip_bad_images": cfg.skip_bad_images},
+                     "test_split": cfg.test_split, "seed": cfg.seed, "skip_bad_images": cfg.skip_bad_images,
+                     **self.decode_args},
             "epoch": state["epoch"],
             "metrics": dict(row or (state["history"][-1] if state["history"] else {})),
             "best": {"epoch": state["best_epoch"], "monitor": cfg.monitor, "score": state["best_score"]},
