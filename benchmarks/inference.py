@@ -24,12 +24,12 @@ import torch
 import imgclf
 from imgclf.data.images import Preprocess
 from imgclf.data.tensors import channel_stats, to_tensor
+from imgclf.evaluate import load_run_data
 from imgclf.export import (
     export_onnx,
     load_onnx,
     needs_reduce_range,
     quantize_int8,
-    run_dataset,
     sample_indices,
     throughput,
 )
@@ -84,7 +84,7 @@ def targets(args) -> list[tuple[str, Classifier, object]]:
     out = []
     for run in args.runs:
         clf = imgclf.load(run, device="cpu")
-        out.append((f"{clf.meta['arch']['name']} ({run})", clf, run_dataset(clf, None, progress=False)))
+        out.append((f"{clf.meta['arch']['name']} ({run})", clf, load_run_data(clf, None, progress=False)))
     if not args.runs:
         ds = imgclf.load_dataset(str(args.data), progress=False)
         mean, std = channel_stats(ds.train.x)

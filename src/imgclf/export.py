@@ -32,6 +32,7 @@ from . import __version__
 from .data.images import Preprocess
 from .data.tensors import Normalizer, to_tensor
 from .errors import ImgclfError
+from .evaluate import load_run_data
 from .predict import BaseClassifier, Classifier, load
 from .utils import atomic_path
 
@@ -552,7 +553,7 @@ def export(checkpoint: str | Path, format: str = "onnx", *, int8: bool = False, 
             else out.with_suffix(".fp32.onnx")
 
     # the check images: the run's own test split (a seeded sample) unless other data is given
-    ds = run_dataset(clf, data, progress)
+    ds = load_run_data(clf, data, progress=progress)
     part = ds.test if ds.test is not None else (ds.train if data is not None else None)
     if part is None or len(part.y) == 0:
         raise ImgclfError(f"{ds.source} has no test images for the parity check; pass --data with a test/ folder")
@@ -571,10 +572,10 @@ def export(checkpoint: str | Path, format: str = "onnx", *, int8: bool = False, 
                           max_int8_drop=max_int8_drop)
     if int8:
         if calib_data:
-            cds = run_dataset(clf, calib_data, progress)
+            cds = load_run_data(clf, calib_data, progress=progress)
             pool = cds.train
         else:
-            pool = ds.train if data is None else run_dataset(clf, None, progress).train
+            pool = ds.train if data is None else load_run_data(clf, None, progress=progress).train
         if pool is None or len(pool.x) == 0:
             raise ImgclfError("no training images to calibrate int8 on; pass --calib-data FOLDER")
         calib = pool.x[sample_indices(len(pool.x), calib_images, seed=1)]
@@ -608,14 +609,6 @@ def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
     if k <= 0 or k >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
-
-
-def run_dataset(clf: BaseClassifier, data: str | None, progress: bool):
-    """The run's own data (same source, same seeded split, as evaluate finds it) or other data, decoded
-    with the model's preprocessing."""
-    from .evaluate import load_run_data
-
-    return load_run_data(clf, data, progress=progress)
 
 
 def _size(n: int) -> str:
