@@ -289,3 +289,43 @@ def test_every_registered_model_exports(name, tmp_path):
     ref = clf.logits(x)
     assert torch.allclose(onnx_clf.logits(x), ref, atol=1e-4, rtol=1e-3)
     assert torch.allclose(onnx_clf.logits(x[:1]), ref[:1], atol=1e-4, rtol=1e-3)
+
+
+def test_conv_kernels_by_measurement_keeps_the_same_model(tmp_path):
+    """Moving an int8 conv to ORT's GEMM kernel (weights w - 1 at zero point -1) changes no output; margin 0
+    moves nothing and leaves the file as it was; the metadata says which kind of file was written."""
+    import onnxruntime as ort
+
+    from imgclf.data.images import Preprocess
+    from imgclf.export import export_onnx, quantize_int8
+    from imgclf.predict import Classifier
+
+    torch.manual_seed(0)
+    spec = Preprocess(32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    classes = [str(i) for i in range(10)]
+    net = imgclf.create_model("fastnet-s", num_classes=10).eval()
+    with torch.no_grad():  # fresh convs can be identical, and then share one initializer in the file
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    clf = Classifier(net, classes, spec,
+                     meta={"arch": {"name": "fastnet-s"}, "classes": classes, "preprocess": spec.to_dict()})
+    fp32 = export_onnx(clf, tmp_path / "m.onnx")
+    calib = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    path = quantize_int8(fp32, tmp_path / "m.int8.onnx", calib, tune=False)
+    assert "except" not in load_onnx(path).meta["onnx"]["weights"]
+    model = onnx.load(str(path))
+    before = model.SerializeToString()
+    assert export_mod.conv_kernels_by_measurement(model, calib, rounds=2, margin=0.0) == []
+    assert model.SerializeToString() == before
+    moved = export_mod.conv_kernels_by_measurement(model, calib, rounds=2, margin=float("inf"))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert sorted(moved) == sorted(convs) and len(convs) == 7
+    zero_points = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+                   if i.name.endswith("weight_zero_point") and i.data_type == onnx.TensorProto.INT8]
+    assert zero_points and all((z == -1).all() for z in zero_points)
+    x = np.random.default_rng(1).integers(0, 256, (16, 3, 32, 32), dtype=np.uint8)
+
+    def run(blob):
+        return ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+
+    np.testing.assert_allclose(run(model.SerializeToString()), run(before), atol=1e-5)

@@ -227,6 +227,9 @@ def export(
     min_agreement: float = typer.Option(0.995, help="Least top-1 agreement of fp32 ONNX with PyTorch that passes."),
     max_int8_drop: float = typer.Option(0.005, help="Most top-1 accuracy int8 may lose (0.005 = 0.5 points)."),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure images/s at batch 256."),
+    portable: bool = typer.Option(False, "--portable", help="int8: keep every weight zero point at 0 (runtimes "
+                                  "such as TensorRT need it) instead of picking ONNX Runtime's faster kernel per "
+                                  "layer on this CPU."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
@@ -238,7 +241,7 @@ def export(
     try:
         report = export_fn(checkpoint, fmt, int8=int8, out=out, data=data, calib_data=calib_data,
                            calib_images=calib_images, check_images=check_images, min_agreement=min_agreement,
-                           max_int8_drop=max_int8_drop, speed=speed, progress=progress)
+                           max_int8_drop=max_int8_drop, speed=speed, portable=portable, progress=progress)
     except ParityError as e:
         typer.echo(json.dumps(e.report.to_dict(), indent=2) if as_json else e.report.table())
         typer.echo(f"error: {e}", err=True)
