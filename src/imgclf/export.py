@@ -20,6 +20,7 @@ import platform
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ OUTPUT_NAME = "logits"  # float32 (N, num_classes)
 OPSET = 20              # the first with a Gelu op: one node instead of five (and one int8 round trip)
 MIN_AGREEMENT = 0.995   # fp32 must agree with PyTorch on the top-1 class of at least this share of images
 MAX_INT8_DROP = 0.005   # int8 may lose at most this much top-1 accuracy (0.5 points)
+MIN_SLICE = 32          # images per core, at least, before a batch is cut into slices run side by side
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -48,12 +50,15 @@ class OnnxClassifier(BaseClassifier):
     """An exported ``.onnx`` model run by ONNX Runtime, with the same face as :class:`Classifier`."""
 
     def __init__(self, session, classes: list[str], preprocess: Preprocess, meta: dict[str, Any] | None = None,
-                 path: Path | None = None):
-        self.session = session
+                 path: Path | None = None, slice_session=None, workers: int = 1):
+        self.session = session              # small batches: ORT splits each operator over the cores
+        self.slice_session = slice_session  # big batches: one thread, one slice of the batch per core
+        self.workers = workers
         self.classes = list(classes)
         self.preprocess = preprocess
         self.meta = meta or {}
         self.path = path
+        self._pool: ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
         arch = self.meta.get("arch", {}).get("name", "?")
@@ -66,16 +71,30 @@ class OnnxClassifier(BaseClassifier):
             raise ImgclfError(f"expected a (N, C, H, W) uint8 tensor, got {x.dtype} {tuple(x.shape)}")
         out = []
         for i in range(0, len(x), batch_size):
-            xb = np.ascontiguousarray(x[i:i + batch_size].cpu().numpy())
-            out.append(self.session.run([OUTPUT_NAME], {INPUT_NAME: xb})[0])
+            out.append(self._run(np.ascontiguousarray(x[i:i + batch_size].cpu().numpy())))
         if not out:
             return torch.empty(0, len(self.classes))
         return torch.from_numpy(np.concatenate(out).astype(np.float32, copy=False))
 
+    def _run(self, xb: np.ndarray) -> np.ndarray:
+        """One batch. A big one is cut into a slice per core, run side by side on a single-threaded session
+        (ORT releases the GIL): ORT's int8 convolutions split one image at a time across the threads, and
+        hundreds of such small parallel sections per batch cost FastNet int8 ~15 % of its speed on 2 cores."""
+        k = min(self.workers, len(xb) // MIN_SLICE) if self.slice_session is not None else 1
+        if k < 2:
+            return self.session.run([OUTPUT_NAME], {INPUT_NAME: xb})[0]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="imgclf-onnx")
+        parts = self._pool.map(lambda part: self.slice_session.run([OUTPUT_NAME], {INPUT_NAME: part})[0],
+                               np.array_split(xb, k))
+        return np.concatenate(list(parts))
+
 
 def load_onnx(path: str | Path, device: str = "auto", threads: int = 0, spin: bool = True) -> OnnxClassifier:
     """Open an ``.onnx`` file written by ``imgclf export``; classes and preprocessing come from its metadata.
-    ONNX Runtime's CPU provider is used (CUDA when asked for and installed). ``threads``: 0 = ORT's default.
+    ORT's CPU provider is used (CUDA when asked for and installed). ``threads``: cores to use (0 = all).
+    Batches of at least ``2 * MIN_SLICE`` images run as one slice per core on a single-threaded session,
+    smaller ones on a session whose operators ORT splits over the cores.
     ``spin=False`` stops idle ORT threads from busy-waiting: slower for back-to-back batches, but a server
     leaves those cores to decoding and HTTP between requests."""
     import onnxruntime as ort
@@ -83,17 +102,24 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int = 0, spin: bo
     path = Path(path)
     if not path.is_file():
         raise ImgclfError(f"{path}: file not found; pass an .onnx file written by `imgclf export`")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # errors only: ORT's shape-merge notes are not the user's business
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    def options(n_threads: int):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = n_threads
+        opts.log_severity_level = 3  # errors only: ORT's shape-merge notes are not the user's business
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
+
     providers = ["CPUExecutionProvider"]
     if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
+    workers = threads or os.cpu_count() or 1
+    slice_session = None
     try:
-        session = ort.InferenceSession(str(path), opts, providers=providers)
+        session = ort.InferenceSession(str(path), options(threads), providers=providers)
+        if workers > 1 and session.get_providers()[0] == "CPUExecutionProvider":
+            slice_session = ort.InferenceSession(str(path), options(1), providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
         raise ImgclfError(f"{path}: ONNX Runtime cannot open it ({str(e).splitlines()[0][:200]}); "
                           "re-export it with `imgclf export`") from None
@@ -107,7 +133,8 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int = 0, spin: bo
     names = [i.name for i in session.get_inputs()]
     if names != [INPUT_NAME]:
         raise ImgclfError(f"{path}: expected one input named {INPUT_NAME!r}, found {names}")
-    return OnnxClassifier(session, classes, spec, meta=meta, path=path)
+    return OnnxClassifier(session, classes, spec, meta=meta, path=path, slice_session=slice_session,
+                          workers=workers)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -260,8 +287,8 @@ def quantize_int8(fp32_path: str | Path, out: str | Path, calib_x: np.ndarray, r
                         **({"gelu": f"x * sigmoid({GELU_SIGMOID_K} x) on uint8 ({gelus} layers)"} if gelus else {}),
                         # weights stored with zero point -1 so that ORT picks its GEMM kernels (see
                         # conv_kernels_by_measurement); other runtimes may want zero points of 0: --portable
-                        weights="symmetric int8 (zero point 0)" + (f", except {len(gemm)} convs at zero point -1, "
-                                                                   "tuned on this CPU" if gemm else ""),
+                        weights="symmetric int8 (zero point 0)" + (f", except {len(gemm)} convolution(s) at zero "
+                                                                   "point -1, tuned on this CPU" if gemm else ""),
                         **(extra_meta or {}))
     props.update(imgclf=json.dumps(meta), precision="int8")
     return _save_with_metadata(model, out, props)
@@ -339,9 +366,11 @@ def conv_kernels_by_measurement(model, x_nhwc: np.ndarray, rounds: int = 9, marg
     dot products), and one with any other weight zero point through im2col and its int8 GEMM, which uses AMX
     tiles on CPUs that have them. Neither wins everywhere: on a 2-core Xeon with AMX, FastNet's two 256-channel
     convolutions at 7x7 took 9 ms instead of 18-21 per batch of 256 on the GEMM, its first 64-channel one
-    25 ms instead of 12 (the direct kernel needs no im2col copy). Storing a layer's int8 weights as ``w - 1`` with zero point -1 describes exactly the
-    same real weights (the outputs match bit for bit) and selects the GEMM. Both versions of the model are
-    profiled on ``x_nhwc`` (calibration images), their runs interleaved, and a convolution moves when its
+    25 ms instead of 12 (the direct kernel needs no im2col copy). Storing a layer's int8 weights as ``w - 1``
+    with zero point -1 describes exactly the same real weights (the outputs match bit for bit) and selects
+    the GEMM. Both versions of the model are
+    profiled on ``x_nhwc`` (calibration images), on one thread as :class:`OnnxClassifier` runs big
+    batches, their runs interleaved, and a convolution moves when its
     best kernel time (over ``rounds`` runs but the first) is below ``margin`` of the direct kernel's: a layer
     that is only as fast either way keeps the portable zero point 0, and so do weights that several
     convolutions share. Whole model, same CPU, batch 256: +14 % to +28 % images/s."""
@@ -378,7 +407,7 @@ def conv_kernels_by_measurement(model, x_nhwc: np.ndarray, rounds: int = 9, marg
                     i.CopyFrom(numpy_helper.from_array(np.full_like(inits[zp_name], -1), zp_name))
         return out
 
-    x = np.ascontiguousarray(x_nhwc[:256].transpose(0, 3, 1, 2))
+    x = np.ascontiguousarray(x_nhwc[:128].transpose(0, 3, 1, 2))  # a slice of a big batch
     times: list[dict[str, float]] = []  # per variant: conv -> median kernel time of one run
     with tempfile.TemporaryDirectory() as tmp:
         sessions = []
@@ -388,7 +417,7 @@ def conv_kernels_by_measurement(model, x_nhwc: np.ndarray, rounds: int = 9, marg
             opts.log_severity_level = 3
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(tmp, f"variant{i}")
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle pools leave the cores
+            opts.intra_op_num_threads = 1  # as OnnxClassifier runs big batches: one slice per core
             sessions.append(ort.InferenceSession(variant.SerializeToString(), opts,
                                                  providers=["CPUExecutionProvider"]))
         for _ in range(rounds):
