@@ -58,6 +58,24 @@ def test_export_parity_and_metadata(tiny_run, exported):
         assert torch.allclose(clf.logits(x[:n]), ckpt.logits(x[:n]), atol=1e-4)
 
 
+def test_big_batches_run_as_one_slice_per_core(exported):
+    """A batch of >= 2 x MIN_SLICE images is cut into a slice per core, run side by side on the single-threaded
+    session, with the logits of the whole batch in one piece; smaller batches and threads=1 stay whole."""
+    _, out = exported
+    clf = load_onnx(out, threads=2)
+    assert clf.workers == 2 and clf.slice_session is not None
+    sizes = []
+    run = clf.slice_session.run
+    clf.slice_session.run = lambda names, feed: sizes.append(len(feed["image"])) or run(names, feed)
+    x = torch.randint(0, 256, (2 * export_mod.MIN_SLICE + 1, 3, 32, 32), dtype=torch.uint8)
+    whole = clf.session.run(None, {"image": x.numpy()})[0]
+    np.testing.assert_allclose(clf.logits(x).numpy(), whole, atol=1e-5)
+    assert sorted(sizes) == [export_mod.MIN_SLICE, export_mod.MIN_SLICE + 1]
+    clf.logits(x[:2 * export_mod.MIN_SLICE - 1])
+    assert len(sizes) == 2  # too small to cut
+    assert load_onnx(out, threads=1).slice_session is None
+
+
 def test_onnx_in_predict_and_evaluate_cli(tiny_run, exported, tmp_path, capsys):
     _, out = exported
     img = np.zeros((50, 70, 3), np.uint8)
@@ -256,8 +274,11 @@ def test_int8_fastnet_on_cifar(tmp_path, monkeypatch):
     exact = export(run.run_dir / "best", int8=True, out=tmp_path / "exact.int8.onnx", check_images=1000,
                    speed=False, progress=False).rows[2]
     assert int8.agreement >= exact.agreement - 0.01, (int8, exact)
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.int8.onnx")).graph.node]
+    model = onnx.load(str(tmp_path / "m.int8.onnx"))
+    ops = [n.op_type for n in model.graph.node]
     assert ops.count("QLinearSigmoid") == 6 and ops.count("Gelu") == 1  # the last one feeds the fp32 head
+    head = next(n for n in model.graph.node if n.op_type == "MatMul")  # its logits are then divided by a scale
+    assert head.input[1] in {i.name for i in model.graph.initializer}  # float weights, no DequantizeLinear
     assert "uint8" in load_onnx(tmp_path / "m.int8.onnx").meta["onnx"]["gelu"]
 
 

@@ -510,10 +510,20 @@ def _pool_first_swapped(model, op_type: str, allowed) -> int:
 
 
 def output_layers(model) -> list[str]:
-    """Names of the Gemm/MatMul/Conv nodes that write a graph output (the classifier head)."""
-    outputs = {o.name for o in model.graph.output}
-    return [n.name for n in model.graph.node
-            if n.op_type in ("Gemm", "MatMul", "Conv") and any(o in outputs for o in n.output)]
+    """Names of the Gemm/MatMul/Conv nodes that write a graph output (the classifier head), directly or
+    through elementwise arithmetic with constants (FastNet's head divides its logits by a scale)."""
+    g = model.graph
+    consts = _constants(g)
+    producer = {o: n for n in g.node for o in n.output}
+    found = []
+    for out in g.output:
+        node = producer.get(out.name)
+        while node is not None and node.op_type in ("Div", "Mul", "Add", "Sub", "Identity"):
+            inputs = [i for i in node.input if i not in consts]
+            node = producer.get(inputs[0]) if len(inputs) == 1 else None
+        if node is not None and node.op_type in ("Gemm", "MatMul", "Conv"):
+            found.append(node.name)
+    return found
 
 
 @contextlib.contextmanager
