@@ -110,6 +110,14 @@ def test_export_int8_cli(tiny_run, tmp_path, capsys):
     clf = load_onnx(out)
     assert clf.meta["onnx"]["precision"] == "int8" and clf.meta["onnx"]["calibration_images"] == 40
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out)).graph.node)
+    portable = tmp_path / "portable.int8.onnx"
+    code, _, err = _cli(capsys, "export", str(tiny_run.run_dir), "--int8", "--portable", "--out", str(portable),
+                        "--calib-images", "40", "--no-speed", "--no-progress")
+    assert code == 0, err
+    assert load_onnx(portable).meta["onnx"]["weights"] == "symmetric int8 (zero point 0)"
+    zero_points = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(portable)).graph.initializer
+                   if i.name.endswith("zero_point") and i.data_type == onnx.TensorProto.INT8]
+    assert zero_points and not any(z.any() for z in zero_points)
 
 
 def test_parity_failure_exits_nonzero(tiny_run, tmp_path, capsys, monkeypatch):
