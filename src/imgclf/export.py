@@ -368,12 +368,11 @@ def conv_kernels_by_measurement(model, x_nhwc: np.ndarray, rounds: int = 9, marg
     convolutions at 7x7 took 9 ms instead of 18-21 per batch of 256 on the GEMM, its first 64-channel one
     25 ms instead of 12 (the direct kernel needs no im2col copy). Storing a layer's int8 weights as ``w - 1``
     with zero point -1 describes exactly the same real weights (the outputs match bit for bit) and selects
-    the GEMM. Both versions of the model are
-    profiled on ``x_nhwc`` (calibration images), on one thread as :class:`OnnxClassifier` runs big
-    batches, their runs interleaved, and a convolution moves when its
-    best kernel time (over ``rounds`` runs but the first) is below ``margin`` of the direct kernel's: a layer
-    that is only as fast either way keeps the portable zero point 0, and so do weights that several
-    convolutions share. Whole model, same CPU, batch 256: +14 % to +28 % images/s."""
+    the GEMM. Both versions of the model are profiled on ``x_nhwc`` (calibration images), on one thread as
+    :class:`OnnxClassifier` runs big batches, their runs interleaved, and a convolution moves when its best
+    kernel time (over ``rounds`` runs but the first) is below ``margin`` of the direct kernel's: a layer that
+    is only as fast either way keeps the portable zero point 0, and so do weights that several convolutions
+    share. Whole model, same CPU, batch 256: +14 % to +28 % images/s."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
