@@ -239,6 +239,9 @@ def test_photo_recipe_fine_tunes_pretrained_backbone(tmp_path, capsys):
         def on_epoch_end(self, trainer, row):
             if row["epoch"] == 1:  # the head-only epoch left the backbone exactly as loaded
                 self.stem = trainer.model.stem.conv.weight.detach().clone()
+            else:  # fine-tuning trained the weights, on the pretrained BatchNorm statistics
+                self.tuned = trainer.model.stem.conv.weight.detach().clone()
+                self.bn_mean = trainer.model.stem.bn.running_mean.detach().clone()
     cb = Frozen()
     r = _train(data, tmp_path, model=None, epochs=2, batch_size=8, callbacks=[cb])  # no model: the recipe picks
     out = capsys.readouterr().out
@@ -248,6 +251,8 @@ def test_photo_recipe_fine_tunes_pretrained_backbone(tmp_path, capsys):
     assert tuple(meta["preprocess"]["mean"]) == E.IMAGENET_MEAN
     raw = torch.load(E.imagenet_weights_path(), map_location="cpu", weights_only=True)
     assert torch.equal(cb.stem.cpu(), raw["_conv_stem.weight"])
+    assert not torch.equal(cb.tuned.cpu(), raw["_conv_stem.weight"])
+    assert torch.equal(cb.bn_mean.cpu(), raw["_bn0.running_mean"]) and "BatchNorm keeps the pretrained" in out
     assert "recipe = \"photo\"" in (r.run_dir / "config.toml").read_text()
     assert r.test_metrics["top1"] >= 0.75
 
