@@ -407,7 +407,7 @@ def conv_kernels_by_measurement(model, x_nhwc: np.ndarray, rounds: int = 9, marg
         return out
 
     x = np.ascontiguousarray(x_nhwc[:128].transpose(0, 3, 1, 2))  # a slice of a big batch
-    times: list[dict[str, float]] = []  # per variant: conv -> median kernel time of one run
+    times: list[dict[str, float]] = []  # per variant: conv -> its best kernel time of one run
     with tempfile.TemporaryDirectory() as tmp:
         sessions = []
         for i, variant in enumerate((model, shifted(candidates))):
