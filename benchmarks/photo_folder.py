@@ -18,49 +18,16 @@ time is what this measures. Prints a short table and, last, one JSON line. Run i
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import random
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import tomllib
-from PIL import Image
-
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
-
-
-def build_folder(root: Path, classes: int, per_class: int, side: int, seed: int = 0) -> list[str]:
-    """``root/<class>/*.jpg`` from CIFAR-10's training images, sides drawn in [0.8, 1.2] x ``side``."""
-    rng = random.Random(seed)
-    names: list[str] = []
-    count: dict[str, int] = {}
-    with tarfile.open(CIFAR) as tf:
-        for m in tf:
-            parts = m.name.split("/")
-            if not m.isfile() or len(parts) != 3 or parts[0] != "train":
-                continue
-            cls = parts[1]
-            if cls not in names:
-                if len(names) == classes:
-                    continue
-                names.append(cls)
-            if count.get(cls, 0) >= per_class:
-                if all(count.get(c, 0) >= per_class for c in names) and len(names) == classes:
-                    break
-                continue
-            count[cls] = count.get(cls, 0) + 1
-            w, h = (round(side * rng.uniform(0.8, 1.2)) for _ in range(2))
-            img = Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB").resize((w, h), Image.BICUBIC)
-            out = root / cls / parts[2]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            img.save(out, quality=90)
-    return names
+from _photos import CIFAR, cifar_photo_folder
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -86,7 +53,7 @@ def main() -> None:
         root = Path(tmp)
         env = {**os.environ, "IMGCLF_HOME": str(root / "home")}  # a cold cache, as on a first run
         folder = root / "photos"
-        names = build_folder(folder, args.classes, args.per_class, args.side)
+        names = cifar_photo_folder(folder, args.classes, {"train": args.per_class}, args.side, jitter=0.2, bare=True)
         n = sum(1 for _ in folder.rglob("*.jpg"))
         train_s, out = timed([*imgclf, "train", "--data", str(folder), "--project", str(root / "runs"),
                               "--name", "photos", "--no-progress"], env)

@@ -12,45 +12,17 @@ Prints one JSON object and a short table: test accuracy and wall time of each.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
+from _photos import CIFAR, cifar_photo_folder
 
 import imgclf
-
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
-
-
-def build_folder(root: Path, classes: int, n_train: int, n_test: int, side: int) -> list[str]:
-    want: dict[tuple[str, str], int] = {}
-    names: list[str] = []
-    with tarfile.open(CIFAR) as tf:
-        for m in tf:
-            parts = m.name.split("/")
-            if not m.isfile() or len(parts) != 3:
-                continue
-            split, cls, _ = parts
-            if cls not in names:
-                if len(names) == classes:
-                    continue
-                names.append(cls)
-            key = (split, cls)
-            if want.get(key, 0) >= (n_train if split == "train" else n_test):
-                continue
-            want[key] = want.get(key, 0) + 1
-            img = Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB").resize((side, side), Image.BICUBIC)
-            out = root / split / cls / parts[2]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            img.save(out, quality=90)
-    return names
 
 
 def main() -> None:
@@ -66,7 +38,7 @@ def main() -> None:
         sys.exit(f"{CIFAR} not found: this benchmark reads the shared CIFAR-10 copy")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        names = build_folder(root / "photos", args.classes, args.train, args.test, args.side)
+        names = cifar_photo_folder(root / "photos", args.classes, {"train": args.train, "test": args.test}, args.side)
         results = {}
         for label, extra in (("pretrained", {"pretrained": "imagenet"}),
                              ("scratch", {"pretrained": "none", "freeze_epochs": 0})):
