@@ -33,8 +33,8 @@ def test_pretrained_loads_strictly_and_adapts_head_and_stem():
 
 
 def test_from_scratch_batchnorm_statistics_follow_the_data_within_a_few_steps():
-    # A small photo folder gives ~100 steps; TensorFlow's momentum 0.01 left the running statistics at a fifth of
-    # the way there after 20, and a model trained from scratch then scored chance on held-out images.
+    # A small photo folder gives ~100 steps. TensorFlow's momentum 0.01 leaves the running statistics a fifth of the
+    # way to the data after 20; a model trained from scratch then scored chance on held-out images.
     torch.manual_seed(0)
     m = create_model("efficientnet-lite0", num_classes=2, image_size=32).train()
     x = torch.randn(8, 3, 32, 32) * 2 + 3
