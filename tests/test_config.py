@@ -75,8 +75,12 @@ def test_photo_recipe_for_large_images():
     assert {resolve(TrainConfig(data="photos"), probe=ImageProbe(n))[0].image_size for n in (143, 150)} == {144}
     mine, _ = resolve(TrainConfig(data="photos", model="seed-cnn"), probe=ImageProbe(375))
     assert mine.model == "seed-cnn" and mine.pretrained is None
+    # a short --epochs shortens the recipe's head-only phase; the user's own --freeze-epochs is checked
+    quick, why = resolve(TrainConfig(recipe="photo", epochs=1), probe=ImageProbe(375))
+    assert quick.freeze_epochs == 0 and any("0 head-only epochs" in w for w in why)
+    assert resolve(TrainConfig(recipe="photo", epochs=2), probe=ImageProbe(375))[0].freeze_epochs == 1
     with pytest.raises(ImgclfError, match="freeze-epochs"):
-        resolve(TrainConfig(recipe="photo", epochs=1), probe=ImageProbe(375))
+        resolve(TrainConfig(recipe="photo", epochs=2, freeze_epochs=2), probe=ImageProbe(375))
 
 
 def test_file_then_overrides(tmp_path):

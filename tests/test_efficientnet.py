@@ -58,7 +58,8 @@ def test_mismatched_weights_name_the_first_bad_key(tmp_path):
     torch.save(bad, tmp_path / "missing.pth")
     with pytest.raises(ImgclfError, match=r"no weight for 'blocks\.3\.dw\.conv\.weight'"):
         E.load_imagenet(model, tmp_path / "missing.pth")
-    with pytest.raises(ImgclfError, match="no 'imagenet' weights for seed-cnn"):
+    with pytest.raises(ImgclfError, match=r"no 'imagenet' weights for seed-cnn.*efficientnet-lite0 \(imagenet\).*"
+                                          "--pretrained none"):
         create_model("seed-cnn", num_classes=10, pretrained="imagenet")
 
 

@@ -63,8 +63,11 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     builder = _builder(name)
     if pretrained is not None and (name, pretrained) not in _PRETRAINED:
         tags = sorted(t for n, t in _PRETRAINED if n == name)
+        others = ", ".join(f"{n} ({t})" for n, t in sorted(_PRETRAINED))
         raise ImgclfError(f"no {pretrained!r} weights for {name}; "
-                          + (f"available: {', '.join(tags)}" if tags else "it has no pretrained weights"))
+                          + (f"available: {', '.join(tags)}" if tags else
+                             f"it has no pretrained weights (models that have some: {others or 'none'}); "
+                             "pass --pretrained none to train it from scratch"))
     signature = inspect.signature(builder)
     unknown = sorted(set(kwargs) - set(signature.parameters) - {"num_classes", "in_channels", "image_size"})
     if unknown:
