@@ -80,6 +80,30 @@ def test_exif_orientation_applied(tmp_path):
     assert out[2, 5].mean() < 60 and out[17, 5].mean() > 200  # the left half went to the top
 
 
+def test_large_jpeg_decodes_at_reduced_scale_with_the_same_pixels_and_stored_size(tmp_path):
+    from imgclf.data.decode import decode_chunk
+    from imgclf.data.images import open_image, resize_center_crop, stored_size
+
+    # a 1200 x 900 photo-like JPEG (smooth gradients + a bright square off centre), stored rotated by EXIF
+    yy, xx = np.mgrid[0:900, 0:1200]
+    arr = np.stack([xx * 255 // 1199, yy * 255 // 899, (xx + yy) * 255 // 2098], -1).astype(np.uint8)
+    arr[300:500, 500:800] = 250
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(arr).save(path, exif=exif.tobytes(), quality=92)
+    drafted = open_image(path, min_side=160)
+    assert max(drafted.size) <= 600 and min(drafted.size) >= 160   # decoded at a quarter: 225 x 300
+    assert stored_size(drafted) == (900, 1200)                     # portrait, as stored after rotation
+    full = open_image(path)
+    assert full.size == stored_size(full) == (900, 1200)
+    reference = np.asarray(resize_center_crop(full.convert("RGB"), 160), np.float32)
+    fast = preprocess_image(path, spec(160)).astype(np.float32)
+    assert fast.shape == reference.shape and np.abs(fast - reference).mean() < 1.5
+    [d] = decode_chunk([("phone.jpg", str(path))], 160, 3)
+    assert (d.width, d.height) == (900, 1200) and (d.pixels == fast).all()  # datasets: the same pixels
+
+
 def test_preprocess_resizes_shorter_side_and_centre_crops():
     img = Image.new("RGB", (500, 375), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 62, 375))      # a red band that the centre crop removes

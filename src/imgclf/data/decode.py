@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import ImgclfError
-from .images import GREY_MODES, open_image, resize_center_crop, to_array, to_channels
+from .images import GREY_MODES, open_image, resize_center_crop, stored_size, to_array, to_channels
 
 # Below this many images, starting worker processes (~0.1 s) costs more than it saves.
 PARALLEL_MIN = 2000
@@ -50,11 +50,11 @@ def decode_chunk(items: list[tuple[str, str | bytes]], size: int | None,
     first_size = None
     for label, src in items:
         try:
-            img = open_image(src, name=label)
+            img = open_image(src, name=label, min_side=size)
         except ImgclfError as e:
             out.append(DecodedImage(False, 0, 0, None, str(e)))
             continue
-        w, h = img.size
+        w, h = stored_size(img)
         grey = img.mode in GREY_MODES
         if size is None:
             first_size = first_size or (w, h)

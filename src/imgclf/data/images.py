@@ -49,14 +49,14 @@ class Preprocess:
         return cls(**d)
 
 
-def load_image(source, channels: int = 3, *, name: str | None = None) -> Image.Image:
+def load_image(source, channels: int = 3, *, name: str | None = None, min_side: int | None = None) -> Image.Image:
     """Open a path, bytes or PIL image; apply EXIF orientation; convert to "RGB" (channels=3) or "L" (1).
 
     Transparent pixels are composited onto white, 16-bit and float images are scaled (not clipped) to
     8 bit. A missing, non-image, truncated or corrupt file raises ImgclfError naming ``name`` (default:
-    the path). -> PIL.Image, fully decoded.
+    the path). ``min_side``: see :func:`open_image`. -> PIL.Image, fully decoded.
     """
-    img = open_image(source, name=name)
+    img = open_image(source, name=name, min_side=min_side)
     try:
         return to_channels(img, channels)
     except ImgclfError as e:
@@ -74,11 +74,18 @@ def preprocess_image(source, spec: Preprocess) -> np.ndarray:
         raise ImgclfError(f"unknown resize method {spec.resize!r}: this version knows 'shorter-center-crop'")
     if isinstance(source, np.ndarray):
         source = Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
-    return to_array(resize_center_crop(load_image(source, spec.channels), spec.image_size))
+    img = load_image(source, spec.channels, min_side=spec.image_size)
+    return to_array(resize_center_crop(img, spec.image_size))
 
 
-def open_image(source, *, name: str | None = None) -> Image.Image:
-    """Open and fully decode ``source`` (path, bytes or PIL image), EXIF orientation applied, mode kept."""
+def open_image(source, *, name: str | None = None, min_side: int | None = None) -> Image.Image:
+    """Open and fully decode ``source`` (path, bytes or PIL image), EXIF orientation applied, mode kept.
+
+    ``min_side``: the image is only needed with both sides at least this long (it will be shrunk to it).
+    A JPEG much larger than that is then decoded at 1/2, 1/4 or 1/8 scale by the JPEG decoder itself,
+    never below ``min_side``: a 12-megapixel phone photo for a 160 px model decodes ~5x faster, and
+    the resize that follows still averages over every pixel. Its size as stored (:func:`stored_size`)
+    is kept in ``img.info``."""
     label = name or _describe(source)
     if isinstance(source, Image.Image):
         img = source
@@ -93,6 +100,9 @@ def open_image(source, *, name: str | None = None) -> Image.Image:
         raise ImgclfError(f"cannot read an image from a {type(source).__name__}: pass a path, bytes or PIL image")
     try:
         img = _open_with_hint(fp, label)
+        stored = img.size
+        if min_side and img.format == "JPEG" and min(stored) >= 2 * min_side:
+            img.draft(img.mode, (min_side, min_side))
     except FileNotFoundError:
         raise ImgclfError(f"{label}: file not found; check the path") from None
     except UnidentifiedImageError:
@@ -103,7 +113,17 @@ def open_image(source, *, name: str | None = None) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImgclfError(f"{label}: cannot open image ({_reason(e)}); re-save or delete it") from None
     _decode(img, label)
-    return _exif_transpose(img, label, in_place=True)
+    decoded = img.size
+    img = _exif_transpose(img, label, in_place=True)
+    if decoded != stored:  # drafted smaller; a rotation by EXIF swaps the stored sides too
+        img.info[_STORED_SIZE] = stored if img.size == decoded else stored[::-1]
+    return img
+
+
+def stored_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an image from :func:`open_image` as stored in its file (after EXIF rotation),
+    also when it was decoded at a reduced scale."""
+    return img.info.get(_STORED_SIZE, img.size)
 
 
 def to_channels(img: Image.Image, channels: int) -> Image.Image:
@@ -193,6 +213,8 @@ def _decode(img: Image.Image, label: str) -> None:
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImgclfError(f"{label}: truncated or corrupt image ({_reason(e)}); re-save or delete it") from None
 
+
+_STORED_SIZE = "imgclf_stored_size"
 
 # Formats whose orientation can only come from EXIF or XMP data that Pillow puts in img.info when
 # loading; without those keys there is nothing to rotate and exif_transpose's parsing can be skipped.

@@ -81,8 +81,8 @@ def decode_upload(data: bytes, name: str, spec: Preprocess, max_pixels: int) -> 
     if w * h > max_pixels:
         raise ApiError(413, f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
                             "(a decompression bomb?); send a smaller image")
-    try:
-        return preprocess_image(img, spec)
+    try:  # from the bytes, as predict reads a file: a large JPEG is decoded at a reduced scale (open_image)
+        return preprocess_image(data, spec)
     except ImgclfError as e:
         reason = str(e).split(": ", 1)[-1]  # the loader names the source "<image>"; name the upload instead
         raise ApiError(422, f"{name}: {reason}") from None
