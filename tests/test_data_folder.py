@@ -128,6 +128,21 @@ def test_large_images_default_capped_at_64_and_resized(tmp_path):
     assert load(root, image_size=32).train.x.shape == (3, 32, 32, 3)
 
 
+def test_large_square_jpegs_keep_their_native_pixels(tmp_path):
+    # The first pass decodes large JPEGs at a reduced scale (open_image's min_side); when every image turns
+    # out to be the same square size, that native size is kept, so they are decoded again in full.
+    root = tmp_path / "squares"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        arr = np.repeat(np.repeat(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8), 10, 0), 10, 1)  # 200x200
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(arr).save(root / cls / "0.jpg")
+    ds = load(root, test_split=0.5)
+    assert ds.image_size == 200
+    full = np.asarray(Image.open(root / "a" / "0.jpg").convert("RGB"))
+    assert any((x == full).all() for x in (*ds.train.x, *ds.test.x))
+
+
 def _corrupt_files(root):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")

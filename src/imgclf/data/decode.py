@@ -30,6 +30,9 @@ PARALLEL_MIN = 2000
 # Images a worker decodes per task: big enough that pickling overhead is small, small enough that
 # the progress bar moves and both workers finish at about the same time.
 CHUNK = 500
+# With image sizes that vary, a folder's default side is the most common shorter side, but no more than this:
+# beyond 64 px the small CNNs here gain little and the decoded arrays (and training) grow quadratically.
+MAX_DEFAULT_SIZE = 64
 
 
 class DecodedImage(NamedTuple):
@@ -50,7 +53,9 @@ def decode_chunk(items: list[tuple[str, str | bytes]], size: int | None,
     first_size = None
     for label, src in items:
         try:
-            img = open_image(src, name=label, min_side=size)
+            # Without a size, a large JPEG is still decoded only as large as a size chosen later could be
+            # (checked whole all the same); its pixels are then not native ones, and a second pass decodes it.
+            img = open_image(src, name=label, min_side=size or MAX_DEFAULT_SIZE)
         except ImgclfError as e:
             out.append(DecodedImage(False, 0, 0, None, str(e)))
             continue
@@ -58,7 +63,7 @@ def decode_chunk(items: list[tuple[str, str | bytes]], size: int | None,
         grey = img.mode in GREY_MODES
         if size is None:
             first_size = first_size or (w, h)
-            if w != h or (w, h) != first_size:
+            if w != h or (w, h) != first_size or img.size != (w, h):
                 out.append(DecodedImage(grey, w, h, None, None))
                 continue
         try:

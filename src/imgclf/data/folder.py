@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import ImgclfError
 from ..utils import natural_sorted
 from .archives import iter_archive
-from .decode import DecodedImage, Decoder
+from .decode import MAX_DEFAULT_SIZE, DecodedImage, Decoder
 from .decoded import Decoded
 from .notify import note, warn
 
@@ -37,9 +37,6 @@ IMAGE_SUFFIXES = frozenset({
 })
 # Folder names that mark a split (case-insensitive) -> the split they hold.
 SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
-# With image sizes that vary, the default side is the most common shorter side, but no more than this:
-# beyond 64 px the small CNNs here gain little and the decoded arrays (and training) grow quadratically.
-MAX_DEFAULT_SIZE = 64
 LAYOUT_HELP = "expected train/<class>/*, test/<class>/* (optional val/<class>/*), or just <class>/*"
 
 
