@@ -83,7 +83,7 @@ def open_image(source, *, name: str | None = None, min_side: int | None = None) 
 
     ``min_side``: the image is only needed with both sides at least this long (it will be shrunk to it).
     A JPEG much larger than that is then decoded at 1/2, 1/4 or 1/8 scale by the JPEG decoder itself,
-    never below ``min_side``: a 12-megapixel phone photo for a 160 px model decodes ~5x faster, and
+    never below ``min_side``: a 12-megapixel phone photo for a 160 px model decodes ~9x faster, and
     the resize that follows still averages over every pixel. Its size as stored (:func:`stored_size`)
     is kept in ``img.info``."""
     label = name or _describe(source)

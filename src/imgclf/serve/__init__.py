@@ -84,7 +84,7 @@ def decode_upload(data: bytes, name: str, spec: Preprocess, max_pixels: int) -> 
     try:  # from the bytes, as predict reads a file: a large JPEG is decoded at a reduced scale (open_image)
         return preprocess_image(data, spec)
     except ImgclfError as e:
-        reason = str(e).split(": ", 1)[-1]  # the loader names the source "<image>"; name the upload instead
+        reason = str(e).split(": ", 1)[-1]  # the loader names the source "<image bytes>"; name the upload instead
         raise ApiError(422, f"{name}: {reason}") from None
 
 
