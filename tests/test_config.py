@@ -68,6 +68,7 @@ def test_photo_recipe_for_large_images():
     cfg, why = resolve(TrainConfig(data="photos"), probe=ImageProbe(375))
     assert (cfg.recipe, cfg.model, cfg.pretrained, cfg.image_size) == ("photo", "efficientnet-lite0", "imagenet", 160)
     assert cfg.freeze_epochs == 1 and cfg.augment == "photo"
+    assert cfg.val_every == 0  # the run keeps the last epoch's weights, as fine_tune does
     assert any("160px" in w for w in why)
     small, _ = resolve(TrainConfig(data="photos"), probe=ImageProbe(100))
     assert small.image_size == 96

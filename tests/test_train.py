@@ -255,6 +255,7 @@ def test_photo_recipe_fine_tunes_pretrained_backbone(tmp_path, capsys):
     assert torch.equal(cb.bn_mean.cpu(), raw["_bn0.running_mean"]) and "BatchNorm keeps the pretrained" in out
     assert "recipe = \"photo\"" in (r.run_dir / "config.toml").read_text()
     assert r.test_metrics["top1"] >= 0.75
+    assert r.best_epoch == 2 and "val skipped" in out  # validated after the last epoch only; its weights kept
 
 
 def test_init_from_other_classes_keeps_backbone_new_head(tiny_run, tmp_path, capsys):
