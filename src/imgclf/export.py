@@ -102,24 +102,15 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int = 0, spin: bo
     path = Path(path)
     if not path.is_file():
         raise ImgclfError(f"{path}: file not found; pass an .onnx file written by `imgclf export`")
-    def options(n_threads: int):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = n_threads
-        opts.log_severity_level = 3  # errors only: ORT's shape-merge notes are not the user's business
-        if not spin:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return opts
-
     providers = ["CPUExecutionProvider"]
     if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     workers = threads or os.cpu_count() or 1
     slice_session = None
     try:
-        session = ort.InferenceSession(str(path), options(threads), providers=providers)
+        session = ort.InferenceSession(str(path), _session_options(threads, spin), providers=providers)
         if workers > 1 and session.get_providers()[0] == "CPUExecutionProvider":
-            slice_session = ort.InferenceSession(str(path), options(1), providers=providers)
+            slice_session = ort.InferenceSession(str(path), _session_options(1, spin), providers=providers)
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
         raise ImgclfError(f"{path}: ONNX Runtime cannot open it ({str(e).splitlines()[0][:200]}); "
                           "re-export it with `imgclf export`") from None
@@ -135,6 +126,19 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int = 0, spin: bo
         raise ImgclfError(f"{path}: expected one input named {INPUT_NAME!r}, found {names}")
     return OnnxClassifier(session, classes, spec, meta=meta, path=path, slice_session=slice_session,
                           workers=workers)
+
+
+def _session_options(threads: int, spin: bool = True):
+    """ONNX Runtime session options: all graph optimizations, ``threads`` intra-op threads (0 = ORT's default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # errors only: ORT's shape-merge notes are not the user's business
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -411,12 +415,9 @@ def conv_kernels_by_measurement(model, x_nhwc: np.ndarray, rounds: int = 9, marg
     with tempfile.TemporaryDirectory() as tmp:
         sessions = []
         for i, variant in enumerate((model, shifted(candidates))):
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.log_severity_level = 3
+            opts = _session_options(1)  # as OnnxClassifier runs big batches: one slice per core
             opts.enable_profiling = True
             opts.profile_file_prefix = os.path.join(tmp, f"variant{i}")
-            opts.intra_op_num_threads = 1  # as OnnxClassifier runs big batches: one slice per core
             sessions.append(ort.InferenceSession(variant.SerializeToString(), opts,
                                                  providers=["CPUExecutionProvider"]))
         for _ in range(rounds):

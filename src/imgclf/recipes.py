@@ -92,10 +92,11 @@ def resolve(cfg: TrainConfig, probe: ImageProbe | None = None) -> tuple[TrainCon
                    "them back)")
     if fill.get("pretrained") and cfg.model is not None and cfg.model != RECIPES[name]["model"]:
         fill.pop("pretrained")  # the user's own model choice has no such weights
-    if fill.get("freeze_epochs") and fill["freeze_epochs"] >= (cfg.epochs or fill.get("epochs", 0)):
-        fill["freeze_epochs"] = max(0, (cfg.epochs or fill["epochs"]) - 1)  # the user's --epochs is short
+    epochs = cfg.epochs or fill.get("epochs", 0)
+    if fill.get("freeze_epochs") and fill["freeze_epochs"] >= epochs:  # the user's --epochs is short
+        fill["freeze_epochs"] = max(0, epochs - 1)
         why.append(f"{fill['freeze_epochs']} head-only epochs: the recipe's {defaults['freeze_epochs']} would "
-                   f"leave none of the {cfg.epochs or fill['epochs']} to fine-tune the whole model")
+                   f"leave none of the {epochs} to fine-tune the whole model")
     resolved = dataclasses.replace(cfg, recipe=name, **fill)
     if resolved.freeze_epochs >= resolved.epochs and resolved.freeze_epochs:
         raise ImgclfError(f"--freeze-epochs {resolved.freeze_epochs} leaves no epoch to fine-tune the whole "
