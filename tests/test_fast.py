@@ -72,7 +72,7 @@ def test_fast_recipe_trains_and_reports_tta(tiny_folder, tmp_path, capsys):
     r = imgclf.train(data=str(tiny_folder), model="fastnet-s", epochs=3, batch_size=32, project=str(tmp_path),
                      progress=False)
     out = capsys.readouterr().out
-    assert "recipe fast" in out and "muon lr 0.24 (linear)" in out
+    assert "recipe fast" in out and "muon lr 0.18 (linear)" in out
     assert r.test_metrics["top1"] > 0.9 and r.test_metrics["tta"]["views"] == 6
     # validation only after the last epoch (val_every 0): earlier rows carry no score, and best = last
     assert [row["val_acc"] == row["val_acc"] for row in r.history] == [False, False, True]

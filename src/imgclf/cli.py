@@ -55,7 +55,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
     optimizer: Optional[str] = typer.Option(None, help="adam, adamw, sgd (Nesterov) or muon (filters; Nesterov "
                                             "SGD for the rest)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: adam 1e-3, sgd 0.05, muon 0.24)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: adam 1e-3, sgd 0.05, muon 0.18)."),
     momentum: Optional[float] = typer.Option(None, help="SGD momentum."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay."),
     schedule: Optional[str] = typer.Option(None, help="constant, onecycle, cosine, linear (decay to 0) or plateau."),

@@ -29,7 +29,7 @@ TTA_MODES = ("flip", "flip+translate", "translate")
 PRECISIONS = ("auto", "fp32", "bf16")
 MONITORS = ("val_loss", "val_acc")
 DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05,  # Keras' Adam default; a safe SGD+Nesterov start
-              "muon": 0.24}  # Muon's filter step (see optim.py); its SGD groups scale with it
+              "muon": 0.18}  # Muon's filter step (see optim.py); its SGD groups scale with it
 
 
 @dataclass(frozen=True)
