@@ -14,7 +14,9 @@
 Prints a table and, last, one JSON line with both sides, the ratio of imgclf's whole-command time to the
 yardstick's training time (the stricter comparison), and time to 90 / 93 % where the runs show it
 (imgclf only validates after its last epoch unless --args "--val-every 1" is given).
-Figures are only as quiet as the machine: run it alone.
+Figures are only as quiet as the machine: run it alone. On a VM, the share of CPU time the hypervisor took
+for other guests while each side ran ("steal", from /proc/stat) is printed beside it: the speed of a shared
+VM drifts with it, and it can differ between the two sides.
 """
 from __future__ import annotations
 
@@ -36,6 +38,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CIFAR = SHARED / "datasets" / "cifar10-jpeg.tar.gz"
 YARDSTICK = SHARED / "reference" / "airbench94_cpu.py"
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, total) CPU ticks since boot from /proc/stat (Linux), else None. "Steal" is time the
+    hypervisor gave this VM's CPUs to other guests: on a shared VM it is what makes one run slower than
+    another, and it can hit the two sides of this benchmark differently."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int] | None) -> float | None:
+    after = cpu_ticks()
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 3)
 
 
 def timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
@@ -62,7 +82,9 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
 def run_imgclf(work: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "imgclf", "train", "--data", str(CIFAR), "--project", str(work / "runs"),
            "--name", "record", "--no-progress", *extra]
+    ticks = cpu_ticks()
     wall = timed(cmd, work / "imgclf.log")
+    steal = steal_share(ticks)
     run = work / "runs" / "record"
     info = json.loads((run / "run.json").read_text())
     with open(run / "metrics.csv") as f:
@@ -75,7 +97,7 @@ def run_imgclf(work: Path, extra: list[str]) -> dict:
     tm = info["test_metrics"]
     return {"command": "imgclf train --data " + str(CIFAR) + (" " + shlex.join(extra) if extra else ""),
             "model": tomllib.loads((run / "config.toml").read_text())["model"],
-            "wall_s": round(wall, 1), "train_s": round(total, 1), "epochs": len(rows),
+            "wall_s": round(wall, 1), "train_s": round(total, 1), "epochs": len(rows), "cpu_steal": steal,
             "test_acc": tm["top1"], "tta_test_acc": (tm.get("tta") or {}).get("top1"),
             "time_to_90": time_to(curve, 0.90), "time_to_93": time_to(curve, 0.93),
             "precision": info["precision"], "run_json": str(run / "run.json")}
@@ -84,11 +106,13 @@ def run_imgclf(work: Path, extra: list[str]) -> dict:
 def run_yardstick(work: Path, bf16: bool) -> dict:
     out = work / "yardstick.json"
     cmd = [sys.executable, str(YARDSTICK), "--json", str(out)] + (["--bf16"] if bf16 else [])
+    ticks = cpu_ticks()
     wall = timed(cmd, work / "yardstick.log")
+    steal = steal_share(ticks)
     res = json.loads(out.read_text())
     epochs = res["runs"][0]["epochs"]
     curve = [(e["train_s"], e["test_acc"]) for e in epochs]
-    return {"command": "python " + " ".join(cmd[1:]), "wall_s": round(wall, 1),
+    return {"command": "python " + " ".join(cmd[1:]), "wall_s": round(wall, 1), "cpu_steal": steal,
             "train_s": round(res["mean_train_s"], 1), "epochs": len(epochs), "test_acc": res["mean_test_acc"],
             "tta_test_acc": res["mean_tta_test_acc"], "time_to_90": time_to(curve, 0.90),
             "time_to_93": time_to(curve, 0.93), "precision": res["dtype"]}
@@ -121,11 +145,12 @@ def main() -> None:
 
     rows = [("imgclf (" + ours["precision"] + ")", ours)]
     rows += [("yardstick (" + peer["precision"] + ")", peer)] if peer else []
-    print(f"\n{'recipe':<22}{'test':>8}{'TTA':>8}{'whole s':>9}{'train s':>9}{'to 90%':>8}")
+    print(f"\n{'recipe':<22}{'test':>8}{'TTA':>8}{'whole s':>9}{'train s':>9}{'to 90%':>8}{'steal':>7}")
     for name, r in rows:
         tta = f"{r['tta_test_acc']:.2%}" if r["tta_test_acc"] is not None else "-"
         t90 = f"{r['time_to_90']:.0f}" if r["time_to_90"] is not None else "-"
-        print(f"{name:<22}{r['test_acc']:>8.2%}{tta:>8}{r['wall_s']:>9.0f}{r['train_s']:>9.0f}{t90:>8}")
+        steal = f"{r['cpu_steal']:.0%}" if r["cpu_steal"] is not None else "-"
+        print(f"{name:<22}{r['test_acc']:>8.2%}{tta:>8}{r['wall_s']:>9.0f}{r['train_s']:>9.0f}{t90:>8}{steal:>7}")
     result = {"machine": machine, "imgclf": ours, "yardstick": peer}
     if peer:
         result["ratio_whole_vs_yardstick_train"] = round(ours["wall_s"] / peer["train_s"], 3)
