@@ -115,6 +115,20 @@ def test_budget_plan_picks_the_widest_model_with_enough_epochs():
     assert mine.epochs == 8 and mine.tta is None
 
 
+def test_budget_plan_takes_a_narrower_net_as_at_least_as_fast():
+    # measured on a VM under load: fastnet-s's one step was slowed, so it looked slower than fastnet-m
+    speeds = [Speed("fastnet", 285, 1473), Speed("fastnet-m", 661, 2549), Speed("fastnet-s", 570, 4619)]
+    plan = plan_budget(277, 50_000, 10_000, speeds, max_epochs=8, tta="flip+translate", tta_views=6)
+    # planned as 661 img/s, fastnet-s fits as many epochs as fastnet-m: the wider is kept; never fewer epochs
+    assert (plan.model, plan.epochs) == ("fastnet-m", 3)
+    assert any("fastnet-s 570 img/s" in line and "at least as fast" in line for line in plan.why)
+    assert [s.train_ips for s in speeds] == [285, 661, 570]  # the caller's list is left as measured
+    honest = plan_budget(277, 50_000, 10_000, [*speeds[:2], Speed("fastnet-s", 1100, 4619)], max_epochs=8,
+                         tta="flip+translate", tta_views=6)
+    assert (honest.model, honest.epochs) == ("fastnet-s", 5)
+    assert not any("at least as fast" in line for line in honest.why)
+
+
 def test_time_budget_run_plans_and_finishes(tiny_folder, tmp_path, capsys):
     r = imgclf.train(data=str(tiny_folder), time_budget=120, epochs=2, batch_size=32, project=str(tmp_path),
                      progress=False)
