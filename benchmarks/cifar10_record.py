@@ -51,15 +51,10 @@ def cpu_ticks() -> tuple[int, int] | None:
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
-def steal_share(before: tuple[int, int] | None) -> float | None:
-    after = cpu_ticks()
-    if before is None or after is None or after[1] == before[1]:
-        return None
-    return round((after[0] - before[0]) / (after[1] - before[1]), 3)
-
-
-def timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
-    """Run ``cmd`` with its output teed to ``log``; -> wall seconds. A failure stops the benchmark."""
+def timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float | None]:
+    """Run ``cmd`` with its output teed to ``log``; -> (wall seconds, share of CPU time stolen meanwhile, or
+    None where /proc/stat is not there). A failure stops the benchmark."""
+    ticks = cpu_ticks()
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -68,10 +63,12 @@ def timed(cmd: list[str], log: Path, env: dict | None = None) -> float:
                 sys.stdout.write(line)
                 f.write(line)
         code = proc.wait()
-    seconds = time.perf_counter() - t0
+    seconds, after = time.perf_counter() - t0, cpu_ticks()
     if code != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed with exit code {code}; see {log}")
-    return seconds
+    if ticks is None or after is None or after[1] == ticks[1]:
+        return seconds, None
+    return seconds, round((after[0] - ticks[0]) / (after[1] - ticks[1]), 3)
 
 
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -82,9 +79,7 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
 def run_imgclf(work: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "imgclf", "train", "--data", str(CIFAR), "--project", str(work / "runs"),
            "--name", "record", "--no-progress", *extra]
-    ticks = cpu_ticks()
-    wall = timed(cmd, work / "imgclf.log")
-    steal = steal_share(ticks)
+    wall, steal = timed(cmd, work / "imgclf.log")
     run = work / "runs" / "record"
     info = json.loads((run / "run.json").read_text())
     with open(run / "metrics.csv") as f:
@@ -106,9 +101,7 @@ def run_imgclf(work: Path, extra: list[str]) -> dict:
 def run_yardstick(work: Path, bf16: bool) -> dict:
     out = work / "yardstick.json"
     cmd = [sys.executable, str(YARDSTICK), "--json", str(out)] + (["--bf16"] if bf16 else [])
-    ticks = cpu_ticks()
-    wall = timed(cmd, work / "yardstick.log")
-    steal = steal_share(ticks)
+    wall, steal = timed(cmd, work / "yardstick.log")
     res = json.loads(out.read_text())
     epochs = res["runs"][0]["epochs"]
     curve = [(e["train_s"], e["test_acc"]) for e in epochs]

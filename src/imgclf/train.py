@@ -835,7 +835,8 @@ def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, backbone_lr_mult:
 # (DEFAULT_LR["muon"]); all scale with --lr. They are the CIFAR-10 speed record's (arXiv 2404.00498: 0.053 and
 # 0.67 at a filter lr of 0.24, batch 2000) scaled by 0.18/0.24, as our default filter lr is 0.18: at our batch
 # of 1000 (twice the steps), every lr x 0.75 scored +0.22 points with TTA over 16 seeds on a GPU, 14 of 16 seeds
-# better (0.20: +0.13 over 16; 0.16: +0.17; 0.14: +0.09; 0.28: -0.22 over 8).
+# better (0.20: +0.13 over 16 seeds; 0.16: +0.17 over 24; 0.14: +0.09 over 16; 0.28: -0.22 over 8).
+# benchmarks/recipe_seeds.py re-runs such comparisons.
 MUON_SGD_LR = {"backbone": 0.053 * 0.75, "head": 0.67 * 0.75}
 MUON_MOMENTUM, MUON_SGD_MOMENTUM = 0.6, 0.85
 
