@@ -87,7 +87,9 @@ def yardstick_child(device: str, runs: int, out: str) -> None:
     exec(compile(src, str(YARDSTICK), "exec"), {"__name__": "__main__", "__file__": str(YARDSTICK)})
 
 
-def summarise(rows: list[dict], order: list[str], bar: float) -> list[dict]:
+def summarise(rows: list[dict], order: list[str], bar: float, unpaired: tuple[str, ...] = ()) -> list[dict]:
+    """Per variant: spread, seeds at or above ``bar``, and (except for ``unpaired`` ones, whose seeds are
+    not imgclf's) the paired difference from the first variant on the seeds both ran."""
     by = {v: {r["seed"]: r for r in rows if r["variant"] == v} for v in order}
     first = by[order[0]]
     out = []
@@ -103,7 +105,7 @@ def summarise(rows: list[dict], order: list[str], bar: float) -> list[dict]:
                           "min": round(min(vals), 2), "max": round(max(vals), 2)}
         key = "tta" if "tta" in s else "top1"
         s["at_or_above_bar"] = sum(100 * r[key] >= bar - 1e-9 for r in runs.values() if r[key] is not None)
-        if v != order[0]:
+        if v != order[0] and v not in unpaired:
             d = [100 * (runs[k][key] - first[k][key]) for k in runs if k in first]
             if d:
                 s["paired"] = {"mean": round(statistics.mean(d), 3), "n": len(d),
@@ -159,9 +161,7 @@ def main() -> None:
             rows += [{"variant": "yardstick", "seed": i, "top1": r["test_acc"], "tta": r["tta_test_acc"],
                       "seconds": round(r["train_s"], 1)} for i, r in enumerate(res)]
             order.append("yardstick")
-    summary = summarise(rows, order, a.bar)
-    if a.yardstick and summary[-1]["variant"] == "yardstick":
-        summary[-1].pop("paired", None)
+    summary = summarise(rows, order, a.bar, unpaired=("yardstick",))
     print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.0f}s on {device}, {workers} workers")
     print(f"{'variant':<16}{'n':>4}{'top-1':>9}{'TTA':>9}{'sd':>6}{'TTA range':>15}{'paired':>9}{'+/-':>8}"
           f"{'>=' + format(a.bar, '.2f'):>9}")
