@@ -114,7 +114,8 @@ def test_export_int8_cli(tiny_run, tmp_path, capsys):
     code, _, err = _cli(capsys, "export", str(tiny_run.run_dir), "--int8", "--portable", "--out", str(portable),
                         "--calib-images", "40", "--no-speed", "--no-progress")
     assert code == 0, err
-    assert load_onnx(portable).meta["onnx"]["weights"] == "symmetric int8 (zero point 0)"
+    weights = load_onnx(portable).meta["onnx"]["weights"]
+    assert weights.startswith("symmetric int8 (zero point 0)") and "zero point -1" not in weights
     zero_points = [onnx.numpy_helper.to_array(i) for i in onnx.load(str(portable)).graph.initializer
                    if i.name.endswith("zero_point") and i.data_type == onnx.TensorProto.INT8]
     assert zero_points and not any(z.any() for z in zero_points)
@@ -288,6 +289,33 @@ def test_int8_fastnet_on_cifar(tmp_path, monkeypatch):
     head = next(n for n in model.graph.node if n.op_type == "MatMul")  # its logits are then divided by a scale
     assert head.input[1] in {i.name for i in model.graph.initializer}  # float weights, no DequantizeLinear
     assert "uint8" in load_onnx(tmp_path / "m.int8.onnx").meta["onnx"]["gelu"]
+    # the path for CPUs without VNNI, taken on any machine: 7-bit weights where 8-bit products overflow 16 bits
+    monkeypatch.setenv("IMGCLF_CPU_VNNI", "0")
+    no_vnni = export(run.run_dir / "best", int8=True, out=tmp_path / "nv.int8.onnx", check_images=1000,
+                     speed=False, progress=False)
+    assert no_vnni.reduce_range and no_vnni.rows[1].accuracy - no_vnni.rows[2].accuracy <= 0.005, no_vnni.table()
+    assert "7-bit in 1 convolution" in load_onnx(tmp_path / "nv.int8.onnx").meta["onnx"]["weights"]
+
+
+def test_vnni_detection_can_be_overridden(monkeypatch):
+    monkeypatch.setenv("IMGCLF_CPU_VNNI", "0")
+    assert export_mod.cpu_has_vnni() is False
+    monkeypatch.setenv("IMGCLF_CPU_VNNI", "1")
+    assert export_mod.cpu_has_vnni() is True and not export_mod.needs_reduce_range()
+
+
+def test_overflow_share_counts_int16_saturation_of_pair_sums():
+    """u8 x s8 products are added in pairs into int16 on CPUs without VNNI: 255*127*2 overflows, 100*127*2 not."""
+    rng = np.random.default_rng(0)
+    w = np.full((4, 6, 3, 3), 127, np.int8)
+    attrs = {"pads": [1, 1, 1, 1]}
+    bright = np.full((2, 6, 5, 5), 255, np.uint8)
+    assert export_mod._overflow_share(bright, 255, w, attrs, rng) == 1.0  # padding takes the zero point's code
+    assert export_mod._overflow_share(np.full_like(bright, 100), 100, w, attrs, rng) == 0.0
+    half = np.full_like(bright, 255)
+    half[:, 1::2] = 0  # every other channel dark: pairs (c, c+1) stay in range, pairs across kernel taps do not
+    share = export_mod._overflow_share(half, 0, w, attrs, rng)
+    assert 0.0 < share < 1.0
 
 
 @pytest.mark.realdata
