@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import imgclf  # noqa: F401 - flushes subnormals, as every imgclf run does
 from imgclf.models import _kernels, create_model
-from imgclf.optim import Muon
+from imgclf.training.optim import Muon
 
 SHAPES = [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)]  # (in, out, side)
 

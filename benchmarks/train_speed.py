@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from imgclf.models import create_model, list_models
-from imgclf.optim import Muon
+from imgclf.training.optim import Muon
 from imgclf.utils import native_bf16
 
 # (input side, batch size, optimizer) each model trains with in its recipe

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imgclf.augment import (
+from imgclf.errors import ImgclfError
+from imgclf.training.augment import (
     build_augment,
     cutout,
     list_presets,
@@ -14,7 +15,6 @@ from imgclf.augment import (
     random_rotate_zoom,
     random_translate,
 )
-from imgclf.errors import ImgclfError
 
 OPS = {
     "translate": lambda x, g: random_translate(x, 4, g),
@@ -130,7 +130,7 @@ def test_channels_last_input():
 
 
 def test_random_resized_crop_full_box_is_identity_and_crops_zoom():
-    from imgclf.augment import random_resized_crop
+    from imgclf.training.augment import random_resized_crop
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
     same = random_resized_crop(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0))

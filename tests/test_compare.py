@@ -6,7 +6,7 @@ from PIL import Image
 
 import imgclf
 from conftest import run_cli as _cli
-from imgclf.report import PLOT_SIZES
+from imgclf.evaluation.plots import PLOT_SIZES
 
 
 def test_runs_and_compare(tiny_run, tmp_path, capsys):

@@ -12,7 +12,7 @@ import imgclf
 from imgclf.checkpoint import load_checkpoint
 from imgclf.models import create_model, list_models
 from imgclf.models._kernels import conv3x3
-from imgclf.train import Callback
+from imgclf.training.callbacks import Callback
 from test_distributed import _flags, _launch, _weights
 
 pytestmark = [pytest.mark.cuda,
@@ -126,7 +126,7 @@ def test_predict_and_onnx_agree_with_the_cpu(tiny_run, tmp_path):
 def test_serve_on_the_gpu(tiny_run):
     from fastapi.testclient import TestClient
 
-    from imgclf.serve import create_app
+    from imgclf.deploy.serve import create_app
 
     data = tiny_run.run_dir.parents[1] / "data"
     path = _test_images(data, 1)[0]

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import imgclf
-from imgclf import distributed
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import ImgclfError
+from imgclf.training import distributed
 
 # fp32, no augmentation, seed-cnn (dropout, no BatchNorm): two processes sum the same gradients in another
 # order, and Adam turns that into weight differences of a few 1e-6 after a dozen steps.
@@ -102,7 +102,7 @@ def test_stop_mid_epoch_on_two_processes_resume_on_one(data, tmp_path):
     full = imgclf.train(data=str(data), project=str(tmp_path / "runs"), name="full", progress=False, **settings)
     script = _script(tmp_path, f"""
         import imgclf
-        from imgclf.train import Callback
+        from imgclf.training.callbacks import Callback
 
         class StopAt(Callback):
             def on_step_end(self, trainer, epoch, step, loss):
@@ -130,7 +130,7 @@ def test_a_failed_process_ends_the_job(data, tmp_path, how):
     script = _script(tmp_path, f"""
         import os, time
         import imgclf
-        from imgclf.train import Callback
+        from imgclf.training.callbacks import Callback
 
         class Fail(Callback):
             def on_step_end(self, trainer, epoch, step, loss):

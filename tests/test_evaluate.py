@@ -9,14 +9,8 @@ import torch
 import imgclf
 from conftest import run_cli as _cli
 from imgclf.errors import ImgclfError
-from imgclf.evaluate import (
-    TTA_SHIFT,
-    calibration_metrics,
-    evaluation_from_logits,
-    fit_temperature,
-    most_confused,
-    tta_views,
-)
+from imgclf.evaluation.metrics import calibration_metrics, evaluation_from_logits, fit_temperature, most_confused
+from imgclf.inference import TTA_SHIFT, tta_views
 
 CLASSES = ["cat", "dog", "fox"]
 

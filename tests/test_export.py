@@ -1,5 +1,4 @@
 """ONNX / int8 export, its parity check, and .onnx models in predict and evaluate."""
-import importlib
 import json
 import shutil
 
@@ -12,10 +11,13 @@ from PIL import Image
 import imgclf
 from conftest import CIFAR_JPEG
 from conftest import run_cli as _cli
+from imgclf import onnx_runtime
+from imgclf.deploy import export as export_mod
+from imgclf.deploy import graph_rewrites
+from imgclf.deploy import int8 as int8_mod
+from imgclf.deploy.export import ParityError, export
 from imgclf.errors import ImgclfError
-from imgclf.export import ParityError, export, load_onnx
-
-export_mod = importlib.import_module("imgclf.export")  # `imgclf.export` is the function, not the module
+from imgclf.onnx_runtime import load_onnx
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +69,11 @@ def test_big_batches_run_as_one_slice_per_core(exported):
     sizes = []
     run = clf.slice_session.run
     clf.slice_session.run = lambda names, feed: sizes.append(len(feed["image"])) or run(names, feed)
-    x = torch.randint(0, 256, (2 * export_mod.MIN_SLICE + 1, 3, 32, 32), dtype=torch.uint8)
+    x = torch.randint(0, 256, (2 * onnx_runtime.MIN_SLICE + 1, 3, 32, 32), dtype=torch.uint8)
     whole = clf.session.run(None, {"image": x.numpy()})[0]
     np.testing.assert_allclose(clf.logits(x).numpy(), whole, atol=1e-5)
-    assert sorted(sizes) == [export_mod.MIN_SLICE, export_mod.MIN_SLICE + 1]
-    clf.logits(x[:2 * export_mod.MIN_SLICE - 1])
+    assert sorted(sizes) == [onnx_runtime.MIN_SLICE, onnx_runtime.MIN_SLICE + 1]
+    clf.logits(x[:2 * onnx_runtime.MIN_SLICE - 1])
     assert len(sizes) == 2  # too small to cut
     assert load_onnx(out, threads=1).slice_session is None
 
@@ -132,7 +134,7 @@ def test_parity_failure_exits_nonzero(tiny_run, tmp_path, capsys, monkeypatch):
 
 
 def test_int8_gate_is_accuracy_not_agreement():
-    from imgclf.export import BackendResult, ExportReport
+    from imgclf.deploy.export import BackendResult, ExportReport
 
     def report(int8_agreement, int8_acc):
         rows = [BackendResult("pytorch fp32", "a", 1, None, None, 0.80, None),
@@ -171,7 +173,7 @@ def test_relu_before_maxpool_is_exact(tiny_run, exported, tmp_path):
     """The graph rewrite int8 relies on changes no output (max-pool commutes with ReLU)."""
     _, out = exported
     model = onnx.load(str(out))
-    assert export_mod.relu_before_maxpool(model) == 3  # seed-cnn pools before each of its three ReLUs
+    assert graph_rewrites.relu_before_maxpool(model) == 3  # seed-cnn pools before each of its three ReLUs
     onnx.save(model, str(tmp_path / "swapped.onnx"))
     shutil.copy(out, tmp_path / "orig.onnx")
     a, b = load_onnx(tmp_path / "orig.onnx"), load_onnx(tmp_path / "swapped.onnx")
@@ -204,7 +206,7 @@ def test_bn_before_maxpool_is_exact(tmp_path):
     import onnxruntime as ort
 
     model = _fastnet_onnx(tmp_path / "a.onnx")
-    assert export_mod.bn_before_maxpool(model) == 3
+    assert graph_rewrites.bn_before_maxpool(model) == 3
     ops = [n.op_type for n in model.graph.node]
     assert all(ops[i + 1] == "MaxPool" for i, op in enumerate(ops) if op == "BatchNormalization")
     assert "Gelu" in ops  # opset 20: GELU is one node, which int8 keeps as one float round trip
@@ -214,7 +216,7 @@ def test_bn_before_maxpool_is_exact(tmp_path):
             for f in ("a.onnx", "b.onnx"))
     assert np.abs(a).max() > 0.01 and np.allclose(a, b, atol=1e-4)
     # a negative scale flips the order of the pooled values: that BatchNorm must stay where it is
-    assert export_mod.bn_before_maxpool(_fastnet_onnx(tmp_path / "c.onnx", negate_first_scale=True)) == 2
+    assert graph_rewrites.bn_before_maxpool(_fastnet_onnx(tmp_path / "c.onnx", negate_first_scale=True)) == 2
 
 
 def _gelu_qdq(x_scale, x_zero, y_scale, y_zero):
@@ -249,7 +251,7 @@ def test_gelu_in_int8_matches_gelu_on_every_code(x_scale, x_zero, y_scale, y_zer
             None, {"x": codes})[0].astype(int)
 
     exact = run(model)
-    assert export_mod.gelu_in_int8(model) == 1
+    assert int8_mod.gelu_in_int8(model) == 1
     assert [n.op_type for n in model.graph.node] == ["QLinearSigmoid", "QLinearMul"]
     fast = run(model)
     assert len(set(exact)) > 20  # the test covers a real range of outputs
@@ -260,12 +262,12 @@ def test_gelu_in_int8_leaves_other_gelus_alone():
     """A GELU whose output is not re-quantized (or the tanh form) stays as it is."""
     model = _gelu_qdq(0.03, 128, 0.025, 10)
     model.graph.node[1].attribute.extend([onnx.helper.make_attribute("approximate", "tanh")])
-    assert export_mod.gelu_in_int8(model) == 0 and len(model.graph.node) == 3
+    assert int8_mod.gelu_in_int8(model) == 0 and len(model.graph.node) == 3
     signed = _gelu_qdq(0.03, 0, 0.025, 0)  # int8 activations: the uint8 sigmoid cannot be multiplied in
     for init in signed.graph.initializer:
         if init.name in ("xz", "yz"):
             init.CopyFrom(onnx.numpy_helper.from_array(np.array(0, np.int8), init.name))
-    assert export_mod.gelu_in_int8(signed) == 0
+    assert int8_mod.gelu_in_int8(signed) == 0
 
 
 @pytest.mark.realdata
@@ -279,7 +281,7 @@ def test_int8_fastnet_on_cifar(tmp_path, monkeypatch):
                     speed=False, progress=False)  # raises ParityError if int8 loses > 0.5 points
     pt, fp32, int8 = report.rows
     assert fp32.agreement == 1.0 and fp32.accuracy - int8.accuracy <= 0.005, report.table()
-    monkeypatch.setattr(export_mod, "gelu_in_int8", lambda model: 0)
+    monkeypatch.setattr(int8_mod, "gelu_in_int8", lambda model: 0)
     exact = export(run.run_dir / "best", int8=True, out=tmp_path / "exact.int8.onnx", check_images=1000,
                    speed=False, progress=False).rows[2]
     assert int8.agreement >= exact.agreement - 0.01, (int8, exact)
@@ -299,9 +301,9 @@ def test_int8_fastnet_on_cifar(tmp_path, monkeypatch):
 
 def test_vnni_detection_can_be_overridden(monkeypatch):
     monkeypatch.setenv("IMGCLF_CPU_VNNI", "0")
-    assert export_mod.cpu_has_vnni() is False
+    assert int8_mod.cpu_has_vnni() is False
     monkeypatch.setenv("IMGCLF_CPU_VNNI", "1")
-    assert export_mod.cpu_has_vnni() is True and not export_mod.needs_reduce_range()
+    assert int8_mod.cpu_has_vnni() is True and not int8_mod.needs_reduce_range()
 
 
 def test_overflow_share_counts_int16_saturation_of_pair_sums():
@@ -310,11 +312,11 @@ def test_overflow_share_counts_int16_saturation_of_pair_sums():
     w = np.full((4, 6, 3, 3), 127, np.int8)
     attrs = {"pads": [1, 1, 1, 1]}
     bright = np.full((2, 6, 5, 5), 255, np.uint8)
-    assert export_mod._overflow_share(bright, 255, w, attrs, rng) == 1.0  # padding takes the zero point's code
-    assert export_mod._overflow_share(np.full_like(bright, 100), 100, w, attrs, rng) == 0.0
+    assert int8_mod._overflow_share(bright, 255, w, attrs, rng) == 1.0  # padding takes the zero point's code
+    assert int8_mod._overflow_share(np.full_like(bright, 100), 100, w, attrs, rng) == 0.0
     half = np.full_like(bright, 255)
     half[:, 1::2] = 0  # every other channel dark: pairs (c, c+1) stay in range, pairs across kernel taps do not
-    share = export_mod._overflow_share(half, 0, w, attrs, rng)
+    share = int8_mod._overflow_share(half, 0, w, attrs, rng)
     assert 0.0 < share < 1.0
 
 
@@ -333,9 +335,9 @@ def test_int8_accuracy_on_cifar(cifar_seed_run, tmp_path):
 @pytest.mark.parametrize("name", imgclf.list_models())
 def test_every_registered_model_exports(name, tmp_path):
     """Export works for the whole registry (untrained weights): same logits as PyTorch, any batch size."""
+    from imgclf.classifier import Classifier
     from imgclf.data.images import Preprocess
-    from imgclf.export import export_onnx
-    from imgclf.predict import Classifier
+    from imgclf.deploy.export import export_onnx
 
     spec = Preprocess(32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     classes = [str(i) for i in range(10)]
@@ -353,9 +355,10 @@ def test_conv_kernels_by_measurement_keeps_the_same_model(tmp_path):
     moves nothing and leaves the file as it was; the metadata says which kind of file was written."""
     import onnxruntime as ort
 
+    from imgclf.classifier import Classifier
     from imgclf.data.images import Preprocess
-    from imgclf.export import export_onnx, quantize_int8
-    from imgclf.predict import Classifier
+    from imgclf.deploy.export import export_onnx
+    from imgclf.deploy.int8 import quantize_int8
 
     torch.manual_seed(0)
     spec = Preprocess(32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -372,9 +375,9 @@ def test_conv_kernels_by_measurement_keeps_the_same_model(tmp_path):
     assert "except" not in load_onnx(path).meta["onnx"]["weights"]
     model = onnx.load(str(path))
     before = model.SerializeToString()
-    assert export_mod.conv_kernels_by_measurement(model, calib, rounds=2, margin=0.0) == []
+    assert int8_mod.conv_kernels_by_measurement(model, calib, rounds=2, margin=0.0) == []
     assert model.SerializeToString() == before
-    moved = export_mod.conv_kernels_by_measurement(model, calib, rounds=2, margin=float("inf"))
+    moved = int8_mod.conv_kernels_by_measurement(model, calib, rounds=2, margin=float("inf"))
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     assert sorted(moved) == sorted(convs) and len(convs) == 7
     zero_points = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer

@@ -6,13 +6,15 @@ import pytest
 import torch
 
 import imgclf
-from imgclf.augment import alternating_flip
-from imgclf.budget import Speed, plan_budget
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import ImgclfError
 from imgclf.models import create_model
-from imgclf.optim import Muon, orthogonalize
-from imgclf.train import Callback
+from imgclf.training import precision
+from imgclf.training.augment import alternating_flip
+from imgclf.training.budget import Speed, plan_budget
+from imgclf.training.callbacks import Callback
+from imgclf.training.optim import Muon, orthogonalize
+from imgclf.training.schedule import PhasedOneCycle
 
 
 def test_whitening_layer_decorrelates_patches():
@@ -84,16 +86,15 @@ def test_fast_recipe_trains_and_reports_tta(tiny_folder, tmp_path, capsys):
 
 
 def test_precision_auto_follows_the_hardware_and_the_model(monkeypatch):
-    train = sys.modules["imgclf.train"]
     cpu = torch.device("cpu")
     fast, effnet = create_model("fastnet-s", 3), create_model("efficientnet-lite0", 3)
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
-    assert train._autocast_dtype("auto", cpu, fast) == torch.bfloat16
-    assert train._autocast_dtype("auto", cpu, effnet) is None  # depthwise convs: fp32 pays more on a CPU
-    assert train._autocast_dtype("fp32", cpu, fast) is None
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    assert train._autocast_dtype("auto", cpu, fast) is None   # AVX2-only CPU: bf16 would be emulated
-    assert train._autocast_dtype("bf16", cpu, fast) == torch.bfloat16  # asked for explicitly
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.autocast_dtype("auto", cpu, fast) == torch.bfloat16
+    assert precision.autocast_dtype("auto", cpu, effnet) is None  # depthwise convs: fp32 pays more on a CPU
+    assert precision.autocast_dtype("fp32", cpu, fast) is None
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.autocast_dtype("auto", cpu, fast) is None   # AVX2-only CPU: bf16 would be emulated
+    assert precision.autocast_dtype("bf16", cpu, fast) == torch.bfloat16  # asked for explicitly
 
 
 def test_budget_plan_picks_the_widest_model_with_enough_epochs():
@@ -153,8 +154,7 @@ def test_progressive_sizes_keep_their_shape_and_end_at_full_size():
 
 
 def test_phased_one_cycle_keeps_head_only_epochs_at_full_rate():
-    train = sys.modules["imgclf.train"]
-    f = train.PhasedOneCycle(flat=10, total=110)
+    f = PhasedOneCycle(flat=10, total=110)
     assert [f(s) for s in (0, 9)] == [1.0, 1.0]           # head-only steps: the full lr
     assert f(10) == pytest.approx(1 / 25)                   # then one cycle: warm up from 1/25 ...
     assert f(40) == pytest.approx(1.0)                      # ... to the peak at 30 % of the rest ...

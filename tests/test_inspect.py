@@ -7,7 +7,7 @@ from PIL import Image
 import imgclf
 from conftest import CIFAR_JPEG, make_image_folder
 from conftest import run_cli as _cli
-from imgclf.report import PLOT_SIZES
+from imgclf.evaluation.plots import PLOT_SIZES
 
 
 def test_inspect_finds_imbalance_duplicates_and_bad_files(tmp_path, capsys):

@@ -1,5 +1,4 @@
 """report.py: the plots and report.html written at the end of training, `imgclf report`, and a real browser."""
-import importlib
 import json
 import re
 from pathlib import Path
@@ -10,7 +9,8 @@ from PIL import Image
 import imgclf
 from conftest import make_image_folder
 from conftest import run_cli as _cli
-from imgclf.report import PLOT_SIZES, RUN_PLOTS
+from imgclf.evaluation.plots import PLOT_SIZES
+from imgclf.evaluation.report import RUN_PLOTS
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -46,7 +46,8 @@ def test_report_rerenders_and_failure_only_warns(tiny_run, tmp_path, capsys, mon
     def broken(*a, **k):
         raise RuntimeError("disk on fire")
 
-    report_module = importlib.import_module("imgclf.report")  # imgclf.report is the function
+    from imgclf.evaluation import report as report_module
+
     monkeypatch.setattr(report_module, "write_report", broken)
     data = make_image_folder(tmp_path / "data", n_train=8, n_test=4)
     result = imgclf.train(data=str(data), epochs=1, batch_size=8, project=str(tmp_path / "runs"), progress=False)
@@ -92,7 +93,7 @@ def test_plots_keep_their_size_in_edge_cases(tmp_path):
     import io
     import math
 
-    from imgclf.report import plot_confusion, plot_curves, plot_per_class
+    from imgclf.evaluation.plots import plot_confusion, plot_curves, plot_per_class
 
     history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "val_loss": math.nan, "val_acc": math.nan,
                 "lr": 0.1 if e < 3 else 0.02, "seconds": 1.0} for e in range(1, 6)]

@@ -17,9 +17,9 @@ from PIL import Image
 
 import imgclf
 from conftest import CIFAR_JPEG
-from imgclf.evaluate import compute_evaluation
-from imgclf.export import export
-from imgclf.serve import ServeConfig, create_app
+from imgclf.deploy.export import export
+from imgclf.deploy.serve import ServeConfig, create_app
+from imgclf.evaluation.evaluate import compute_evaluation
 
 CONFIG = ServeConfig(max_files=4, max_upload_bytes=300_000, max_pixels=2_000_000)
 

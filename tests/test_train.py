@@ -9,7 +9,7 @@ import torch
 import imgclf
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import ImgclfError
-from imgclf.train import Callback
+from imgclf.training.callbacks import Callback
 
 
 def _train(data, tmp_path, **kw):
@@ -59,9 +59,8 @@ def test_natural_class_order_and_test_as_validation_note(tmp_path, capsys):
 def test_final_test_reuses_the_validation_on_test(tiny_folder, tmp_path, monkeypatch, val_split, passes):
     """Validating on the test split scores the final weights already: the final test then makes no second
     pass and reports the same figures; with a validation split of its own it scores the test split once."""
-    import importlib
+    from imgclf.training import train as train_mod
 
-    train_mod = importlib.import_module("imgclf.train")  # `imgclf.train` is the function
     calls = []
     real = train_mod.predict_logits
     monkeypatch.setattr(train_mod, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))

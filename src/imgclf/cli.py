@@ -93,7 +93,7 @@ def train(
 ):
     """Train a model; prints one line per epoch and, last, the run folder's path."""
     from .config import parse_duration
-    from .train import train as train_fn
+    from .training.train import train as train_fn
     from .utils import process_age
 
     overrides = {k: v for k, v in locals().items()
@@ -126,8 +126,8 @@ def evaluate(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Loss, top-1/top-5, classification report, confusion matrix, most-confused pairs, calibration (ECE)."""
-    from .evaluate import evaluate as evaluate_fn
-    from .evaluate import format_evaluation
+    from .evaluation.evaluate import evaluate as evaluate_fn
+    from .evaluation.evaluate import format_evaluation
 
     m = evaluate_fn(model, data, split=split, batch_size=batch_size, device=device, tta=tta, calibrate=calibrate,
                     calibration_data=calibration_data, save=save, progress=progress)
@@ -143,7 +143,7 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ):
     """Predict classes for images; unreadable files get their own error line (exit 1 if any)."""
-    from .predict import expand_inputs, load
+    from .classifier import expand_inputs, load
 
     clf = load(model, device=device)
     files = expand_inputs(paths)
@@ -235,8 +235,8 @@ def export(
 ):
     """Export to ONNX, then check parity with PyTorch on real test images: exit 1 when fp32 agrees on
     fewer than 99.5% of top-1 classes, or int8 loses more than 0.5 accuracy points."""
-    from .export import ParityError
-    from .export import export as export_fn
+    from .deploy.export import ParityError
+    from .deploy.export import export as export_fn
 
     try:
         report = export_fn(checkpoint, fmt, int8=int8, out=out, data=data, calib_data=calib_data,
@@ -264,8 +264,8 @@ def serve(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (checkpoints)."),
 ):
     """Serve the model over HTTP: POST /predict, GET /health, GET /model, a web page at /, API docs at /docs."""
-    from .serve import ServeConfig
-    from .serve import serve as serve_fn
+    from .deploy.serve import ServeConfig
+    from .deploy.serve import serve as serve_fn
 
     serve_fn(model, host=host, port=port, device=device,
              config=ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
@@ -283,7 +283,7 @@ def report(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Re-score the run's test split and rewrite its plots and report.html; prints the report's path."""
-    from .report import report as report_fn
+    from .evaluation.report import report as report_fn
 
     typer.echo(report_fn(run, tta=tta, batch_size=batch_size, device=device, progress=progress))
 
@@ -297,8 +297,8 @@ def inspect(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Images per class per split, stored sizes and modes, imbalance, train/test duplicates, unreadable files."""
-    from .inspect import format_inspect
-    from .inspect import inspect as inspect_fn
+    from .evaluation.inspect import format_inspect
+    from .evaluation.inspect import inspect as inspect_fn
 
     info = inspect_fn(data, out=out, progress=progress)
     typer.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
@@ -312,8 +312,8 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
 ):
     """One table of the runs (model, parameters, time, accuracy, macro F1) and their validation curves."""
-    from .compare import compare as compare_fn
-    from .compare import format_runs, to_json
+    from .evaluation.runs import compare as compare_fn
+    from .evaluation.runs import format_runs, to_json
 
     result = compare_fn(runs, out=out)
     if as_json:
@@ -329,8 +329,8 @@ def runs(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
 ):
     """List the runs in a folder, newest first, with their headline figures."""
-    from .compare import format_runs, to_json
-    from .compare import runs as runs_fn
+    from .evaluation.runs import format_runs, to_json
+    from .evaluation.runs import runs as runs_fn
 
     rows = runs_fn(folder)
     if as_json:

@@ -20,6 +20,17 @@ class ImageClassifier(nn.Module):
     # whether precision "auto" trains this model in bf16 on a CPU with native bf16 (dense convolutions and
     # matmuls gain from AMX/AVX512-BF16; depthwise convolutions have no fast bf16 kernels and lose)
     cpu_bf16: bool = True
+    # Flatten -> Dense models: the dense layer's width fixes the input size, so no progressive resizing
+    fixed_input_size: bool = False
+    # every conv is followed by BatchNorm, so filter scale is irrelevant and Muon may normalise the filters
+    normalized_filters: bool = False
+    # epochs during which :meth:`stem_parameters` train (then their lr decays to 0); None: no such stage
+    stem_bias_epochs: int | None = None
+    # the normalisation pretrained weights expect (per channel, 0..1 scale); None: the data's own statistics
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+    # what create_model's pretrained-weight loader did (shown in the training log)
+    pretrained_notes: tuple[str, ...] | list[str] = ()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_channels, H, W) images -> (N, num_features) pooled features."""
@@ -32,6 +43,11 @@ class ImageClassifier(nn.Module):
     def init_from_data(self, x: torch.Tensor) -> None:
         """Data-dependent initialisation, called once by the trainer before the first step of a model
         trained from scratch, with a sample of normalised training images (N, C, H, W). Default: nothing."""
+
+    def stem_parameters(self) -> list[nn.Parameter]:
+        """Parameters that train only in the first ``stem_bias_epochs`` epochs (a separate optimizer group
+        whose lr decays to 0 by then). Default: none."""
+        return []
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import ImgclfError
+from ..errors import ImgclfError
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 

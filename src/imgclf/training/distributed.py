@@ -5,7 +5,7 @@
         -m imgclf train ...
 
 torchrun starts one process per GPU (or per CPU slot) and sets RANK, WORLD_SIZE and LOCAL_RANK;
-:func:`process_group` (around the Trainer in ``imgclf.train``) joins them: nccl on CUDA, gloo on CPU.
+:func:`process_group` (around the Trainer in ``imgclf.training.train``) joins them: nccl on CUDA, gloo on CPU.
 Without WORLD_SIZE > 1 everything here is a no-op and ``imgclf train`` runs exactly as in one process.
 
 How a run is shared out, so that N processes train the model one process would:
@@ -47,9 +47,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ImgclfError
-from .evaluate import predict_logits
-from .utils import resolve_device
+from ..errors import ImgclfError
+from ..inference import predict_logits
+from ..utils import resolve_device
 
 TIMEOUT_ENV = "IMGCLF_DIST_TIMEOUT"    # seconds a collective may wait for the other processes
 BACKEND_ENV = "IMGCLF_DIST_BACKEND"    # force "gloo" or "nccl" (default: nccl for CUDA, gloo for CPU)
@@ -216,7 +216,7 @@ class World:
         return [type(v)(round(s) if isinstance(v, int) else s) for v, s in zip(values, t.tolist())]
 
     def predict_logits(self, model: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """:func:`imgclf.evaluate.predict_logits` split over the processes, the logits gathered in order on
+        """:func:`imgclf.inference.predict_logits` split over the processes, the logits gathered in order on
         every process. Rank 0's buffers (BatchNorm running statistics) are sent to all first, so every
         process evaluates the very model rank 0 saves."""
         if self.size == 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import ImgclfError
+from ..errors import ImgclfError
 
 MIN_EPOCHS = 5         # fewer than this, a narrower, faster FastNet trains better in the same time
 SAFETY = 0.92          # plan to use this share of the time left: epochs vary, and the end must not overrun

@@ -1,7 +1,7 @@
 """Serve a model over HTTP: a JSON API and a web page to try it.
 
     imgclf serve runs/cifar10-seed-cnn                  # or best.onnx / best.int8.onnx; http://127.0.0.1:8000
-    app = imgclf.serve.create_app("runs/x/best.onnx")    # a FastAPI app, e.g. for TestClient or another server
+    app = imgclf.deploy.serve.create_app("runs/x/best.onnx")    # a FastAPI app, e.g. for TestClient or another server
 
 Endpoints:
 
@@ -38,11 +38,12 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..data.images import Preprocess, preprocess_image
-from ..errors import ImgclfError
-from ..export import load_onnx
-from ..predict import BaseClassifier, Prediction, load
+from ..._version import __version__
+from ...classifier import load
+from ...data.images import Preprocess, preprocess_image
+from ...errors import ImgclfError
+from ...inference import BaseClassifier, Prediction
+from ...onnx_runtime import load_onnx
 from .batcher import MicroBatcher, Overloaded
 
 

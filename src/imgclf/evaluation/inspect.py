@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImgclfError
-from .utils import atomic_write_bytes, atomic_write_text
+from ..errors import ImgclfError
+from ..utils import atomic_write_bytes, atomic_write_text
 
 IMBALANCE_RATIO = 1.5   # largest / smallest training class above this: warn
 
@@ -29,7 +29,7 @@ def inspect(data: str, *, out: str | Path | None = None, plots: bool = True, pro
     into ``out`` (default ``inspect-<dataset name>``) unless ``plots=False``. -> the summary dict:
     classes, counts {split: {class: n}}, totals, image_size/channels (as decoded), sizes and modes (as
     stored), imbalance, duplicates {train_test, examples, within_train}, unreadable, warnings."""
-    from .data import load_dataset
+    from ..data import load_dataset
 
     try:  # the same cache entry as training, when every file is readable
         ds = load_dataset(data, progress=progress)
@@ -69,7 +69,7 @@ def inspect(data: str, *, out: str | Path | None = None, plots: bool = True, pro
         "duplicates": dup, "unreadable": list(ds.skipped), "warnings": warnings,
     }
     if plots:
-        from .report import plot_class_counts, plot_samples
+        from .plots import plot_class_counts, plot_samples
 
         folder = Path(out) if out is not None else Path(f"inspect-{ds.name}")
         folder.mkdir(parents=True, exist_ok=True)
@@ -129,8 +129,8 @@ def _header_summary(source: Path) -> tuple[dict[str, int], dict[str, int]]:
     Only headers are parsed: Image.open does not decode pixels."""
     from PIL import Image
 
-    from .data.archives import is_archive, iter_archive
-    from .data.folder import _is_image, walk
+    from ..data.archives import is_archive, iter_archive
+    from ..data.folder import _is_image, walk
 
     sizes, modes = Counter(), Counter()
 

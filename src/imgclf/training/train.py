@@ -10,16 +10,12 @@ saved in ``last``, so a resumed run ends with the same weights as an uninterrupt
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
 import json
 import math
 import platform
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,42 +28,32 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from .._version import __version__
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import TrainConfig, progressive_sizes
+from ..data import BUILTINS, Dataset, Preprocess, Split, load_dataset
+from ..data.split import stratified_split
+from ..data.tensors import Normalizer, channel_stats, to_tensor
+from ..errors import ImgclfError
+from ..evaluation.evaluate import tta_metrics
+from ..evaluation.metrics import evaluation_from_logits, metrics_from_logits
+from ..inference import autocast_context, predict_logits, tta_views
+from ..models import create_model, model_info
+from ..models.fastnet import VARIANTS as FASTNET_VARIANTS
+from ..recipes import resolve
+from ..utils import atomic_write_text, resolve_device
+from . import distributed
 from .augment import ALTERNATING_FLIP, alternating_flip, build_augment
 from .budget import FIXED_END_SECONDS, SPEED_ROUNDS, Speed, plan_budget
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import DEFAULT_LR, TrainConfig, progressive_sizes
-from .data import BUILTINS, Dataset, Preprocess, Split, load_dataset
-from .data.split import stratified_split
-from .data.tensors import Normalizer, channel_stats, to_tensor
-from .errors import ImgclfError
-from .evaluate import (
-    autocast_context,
-    evaluation_from_logits,
-    metrics_from_logits,
-    predict_logits,
-    tta_metrics,
-    tta_views,
-)
-from .models import create_model, model_info
-from .models.fastnet import VARIANTS as FASTNET_VARIANTS
-from .optim import Muon
-from .recipes import resolve
-from .utils import atomic_write_text, native_bf16, resolve_device
+from .callbacks import Callback, stop_on_sigint
+from .optim import build_optimizer, match_state_layout
+from .precision import autocast_dtype, scaled_backward, sync
+from .run_folder import new_run_dir, write_metrics_csv
+from .schedule import LinearDecay, StemDecay, build_scheduler
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 INIT_SAMPLE = 5000  # training images a model's data-dependent init looks at
 # Settings a resumed run may change; everything else must match the run's config to resume exactly.
 RESUMABLE_OVERRIDES = {"epochs", "device", "eval_batch_size", "patience"}
-
-
-class Callback:
-    """Hooks into the loop; override what you need. ``trainer.request_stop()`` ends the run cleanly
-    (``last`` is saved and the run can be resumed)."""
-
-    def on_step_end(self, trainer: Trainer, epoch: int, step: int, loss: float) -> None: ...
-
-    def on_epoch_end(self, trainer: Trainer, row: dict[str, float]) -> None: ...
 
 
 @dataclass
@@ -187,11 +173,11 @@ class Trainer:
         model = self._build_model(ds, init, resume_ckpt)
         self.preprocess = self._choose_preprocess(ds, model, init, resume_ckpt)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        if getattr(model, "fixed_input_size", False) and len(set(progressive_sizes(cfg.progressive, ds.image_size,
+        if model.fixed_input_size and len(set(progressive_sizes(cfg.progressive, ds.image_size,
                                                                                     cfg.epochs))) > 1:
             raise ImgclfError(f"{cfg.model} takes one input size only (its dense layer is sized for it): "
                               "drop --progressive or pass --progressive none")
-        self.autocast_dtype = _autocast_dtype(cfg.precision, self.device, model)
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device, model)
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.normalizer = Normalizer(self.preprocess.mean, self.preprocess.std, self.device)
         self.augment = build_augment(cfg.augment, ds.image_size)
@@ -213,9 +199,9 @@ class Trainer:
             self.notes.append("fine-tuning: BatchNorm keeps the pretrained statistics (inference mode; its scale "
                               "and shift still learn), as Keras's fine-tuning guide does")
         self.features = None  # cached backbone features for head-only epochs
-        self.optimizer = _build_optimizer(cfg, self.model, cfg.backbone_lr_mult if self.fine_tuning else 1.0)
-        self.scheduler = _build_scheduler(cfg, self.optimizer, self.steps_per_epoch,
-                                          getattr(self.model, "stem_bias_epochs", None))
+        self.optimizer = build_optimizer(cfg, self.model, cfg.backbone_lr_mult if self.fine_tuning else 1.0)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch,
+                                          self.model.stem_bias_epochs)
         # FastNet's whitening bias: its lr reaches 0 after stem_bias_epochs (linear schedule), and from then on it
         # stops needing a gradient, which spares the backward pass the first conv's input gradient. In several
         # processes it stays as it is (DistributedDataParallel expects the same parameters to train throughout).
@@ -227,7 +213,7 @@ class Trainer:
         self.notes += self.world.notes(self.model, cfg.batch_size, cfg.sync_bn, self.device)
         # rank 0 picks (and creates) the run folder; the other processes are told its name
         self.run_dir = self.resume_dir or self.world.from_main(
-            lambda: _new_run_dir(Path(cfg.project), cfg.name or f"{ds.name}-{cfg.model}"))
+            lambda: new_run_dir(Path(cfg.project), cfg.name or f"{ds.name}-{cfg.model}"))
         params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         prec = "bf16 autocast" if self.autocast_dtype else "fp32"
         self.log(f"data   {ds.source}: {len(ds.train.y):,} train, {_n(ds.val):,} val, {_n(ds.test):,} test; "
@@ -277,7 +263,7 @@ class Trainer:
         pretrained = cfg.pretrained if cfg.pretrained not in (None, "none") else None
         model = create_model(cfg.model, num_classes=k, in_channels=ds.channels, image_size=ds.image_size,
                              pretrained=pretrained)
-        self.notes += getattr(model, "pretrained_notes", [])
+        self.notes += model.pretrained_notes
         return model
 
     def _plan_time_budget(self, user_cfg: TrainConfig, ds: Dataset, val) -> tuple[TrainConfig, float, list[str]]:
@@ -314,24 +300,24 @@ class Trainer:
             for name in names:
                 model = create_model(name, num_classes=len(ds.classes), in_channels=ds.channels,
                                      image_size=ds.image_size).to(self.device, memory_format=torch.channels_last)
-                runs.append((name, model, _autocast_dtype(cfg.precision, self.device, model),
-                             _build_optimizer(dataclasses.replace(cfg, model=name), model)))
+                runs.append((name, model, autocast_dtype(cfg.precision, self.device, model),
+                             build_optimizer(dataclasses.replace(cfg, model=name), model)))
             for i in range(1 + rounds):  # round 0 warms up
                 for name, model, dtype, opt in runs:
                     model.train()
                     t0 = time.perf_counter()
                     with autocast_context(self.device, dtype):
                         loss = F.cross_entropy(model(x[:bs]).float(), y)
-                    _scaled_backward(loss, bs, model)
+                    scaled_backward(loss, bs, model)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    _sync(self.device)
+                    sync(self.device)
                     train_ips = bs / (time.perf_counter() - t0)
                     model.eval()
                     with torch.no_grad(), autocast_context(self.device, dtype):
                         t0 = time.perf_counter()
                         model(x[:ebs])
-                        _sync(self.device)
+                        sync(self.device)
                         eval_ips = ebs / (time.perf_counter() - t0)
                     if i > 0:
                         best[name] = [max(best[name][0], train_ips), max(best[name][1], eval_ips)]
@@ -350,7 +336,7 @@ class Trainer:
         pretrained weights were trained with, an initialising checkpoint's, or this data's statistics."""
         if resume_ckpt is not None:
             return Preprocess.from_dict(resume_ckpt.meta["preprocess"])
-        if getattr(model, "input_mean", None) is not None:
+        if model.input_mean is not None:
             mean, std = model.input_mean[:ds.channels], model.input_std[:ds.channels]
         elif init is not None:
             mean, std = init.meta["preprocess"]["mean"], init.meta["preprocess"]["std"]
@@ -398,7 +384,7 @@ class Trainer:
                               "layout; finish it with that version, or start a new run")
         self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.state_dict.items()})
         self.optimizer.load_state_dict(ts["optimizer"])
-        _match_state_layout(self.optimizer)
+        match_state_layout(self.optimizer)
         if self.scheduler is not None and ts.get("scheduler") is not None:
             self.scheduler.load_state_dict(ts["scheduler"])
         torch.set_rng_state(ts["rng"]["torch"])
@@ -425,7 +411,7 @@ class Trainer:
         cfg, model, opt = self.cfg, self.model, self.optimizer
         n, bs = len(self.y_train), cfg.batch_size
         train_model = self.world.wrap(model, cfg.sync_bn)  # DDP over several processes; `model` stays bare
-        with _stop_on_sigint(self):
+        with stop_on_sigint(self):
             while state["epoch"] < cfg.epochs:
                 epoch = state["epoch"]
                 # 1. the epoch's order: the generator state at the epoch's start is saved, so a resumed
@@ -491,7 +477,7 @@ class Trainer:
                         raise ImgclfError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
                                           "lower the learning rate (--lr) or check the data")
                     opt.zero_grad(set_to_none=True)
-                    _scaled_backward(loss, cfg.batch_size, model)
+                    scaled_backward(loss, cfg.batch_size, model)
                     if frozen:  # head-only steps bypass DDP: average the head's gradients by hand
                         self.world.average_grads(model)
                     opt.step()
@@ -617,7 +603,7 @@ class Trainer:
         if self.world.is_main:  # one process writes the run folder
             if improved:
                 save_checkpoint(self.run_dir / "best.safetensors", self.model, self._meta("best", state, row))
-            _write_metrics_csv(self.run_dir / "metrics.csv", state["history"])
+            write_metrics_csv(self.run_dir / "metrics.csv", state["history"])
         mark = " *" if improved else ""
         val_txt = (f"val loss {val_loss:.4f} acc {val_acc:.2%}" if validate else
                    "no val" if self.val is None else "val skipped (--val-every)")
@@ -748,7 +734,7 @@ class Trainer:
 
     def _write_report(self, evaluation) -> None:
         """Plots + report.html; a failure here must never cost the run, so it only warns."""
-        from .report import write_report
+        from ..evaluation.report import write_report
 
         try:
             path = write_report(self.run_dir, evaluation)
@@ -758,39 +744,10 @@ class Trainer:
                      f"retry with: imgclf report {self.run_dir}")
 
 
-# ---------------------------------------------------------------------------- helpers
-def _autocast_dtype(precision: str, device: torch.device, model: torch.nn.Module) -> torch.dtype | None:
-    """bf16 autocast when asked for; with "auto", where the device computes bf16 natively and (on a CPU) the
-    model's kernels gain from it; fp32 otherwise."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and native_bf16(device) and (device.type != "cpu" or getattr(model, "cpu_bf16", True)):
-        return torch.bfloat16
-    return None
-
-
 def _progressive_note(cfg: TrainConfig, image_size: int) -> str:
     sizes = progressive_sizes(cfg.progressive, image_size, cfg.epochs)
     steps = [f"{size}px x{sum(1 for s in sizes if s == size)}" for size in dict.fromkeys(sizes)]
     return f", progressive {' -> '.join(steps)}" if len(steps) > 1 else ""
-
-
-def _scaled_backward(loss: torch.Tensor, batch_size: int, model: torch.nn.Module) -> None:
-    """loss.backward() with the loss scaled up by a power of two near the batch size, and the gradients scaled
-    back down. A batch-mean loss makes the gradients flowing through the net ~batch_size times smaller than
-    one image's; deep in a wide net they reach float32's denormal range, where x86 CPUs compute many times
-    slower (measured: 1.5x slower steps for FastNet at batch 1000, growing as the loss falls). Powers of two
-    scale exactly, so the result is the same; only the denormals are avoided."""
-    scale = float(2 ** max(0, round(math.log2(max(1, batch_size)))))
-    (loss * scale).backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads and scale != 1.0:
-        torch._foreach_mul_(grads, 1.0 / scale)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _steps_per_epoch(n: int, batch_size: int) -> int:
@@ -804,184 +761,7 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
     return steps
 
 
-def _build_optimizer(cfg: TrainConfig, model: torch.nn.Module, backbone_lr_mult: float = 1.0
-                     ) -> torch.optim.Optimizer:
-    """Two parameter groups, backbone and head: fine-tuning gives the backbone a lower learning rate."""
-    if cfg.optimizer == "muon":
-        return _build_muon(cfg, model, backbone_lr_mult)
-    lr, wd = cfg.resolved_lr(), cfg.weight_decay or 0.0
-    head = {id(p) for p in model.get_classifier().parameters()}
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in head],
-               "lr": lr * backbone_lr_mult},
-              {"params": [p for p in model.parameters() if p.requires_grad and id(p) in head], "lr": lr}]
-    # fused kernels: one pass over all parameters instead of ~10 small ops per tensor (a measurable
-    # share of a small CNN's step on a CPU); fall back where this build has none for the device.
-    for fused in (True, None):
-        kw = {"fused": fused} if fused else {}
-        try:
-            if cfg.optimizer == "sgd":
-                return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                                       weight_decay=wd, **kw)
-            if cfg.optimizer == "adamw":
-                return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, **kw)
-            return torch.optim.Adam(groups, lr=lr, weight_decay=wd, **kw)
-        except (RuntimeError, TypeError, ValueError):
-            continue
-    raise AssertionError("unreachable")
-
-
-# Muon's Nesterov-SGD groups: step sizes per training example, so a change of batch size needs no retuning
-# (the loss is a batch mean, so a group's lr is this x the batch size), at the default filter lr
-# (DEFAULT_LR["muon"]); all scale with --lr. They are the CIFAR-10 speed record's (arXiv 2404.00498: 0.053 and
-# 0.67 at a filter lr of 0.24, batch 2000) scaled by 0.18/0.24, as our default filter lr is 0.18: at our batch
-# of 1000 (twice the steps), every lr x 0.75 scored +0.22 points with TTA over 16 seeds on a GPU, 14 of 16 seeds
-# better (0.20: +0.13 over 16 seeds; 0.16: +0.17 over 24; 0.14: +0.09 over 16; 0.28: -0.22 over 8).
-# benchmarks/recipe_seeds.py re-runs such comparisons.
-MUON_SGD_LR = {"backbone": 0.053 * 0.75, "head": 0.67 * 0.75}
-MUON_MOMENTUM, MUON_SGD_MOMENTUM = 0.6, 0.85
-
-
-def _build_muon(cfg: TrainConfig, model: torch.nn.Module, backbone_lr_mult: float) -> Muon:
-    """Muon for every weight matrix and filter bank of the backbone; Nesterov SGD for the vectors
-    (BatchNorm shifts, biases) and for the head, whose rows are class templates, not a hidden map.
-    ``weight_decay`` is per example, coupled as in SGD: lr x decay = weight_decay x batch size."""
-    scale = cfg.resolved_lr() / DEFAULT_LR["muon"]
-    bs, wd = cfg.batch_size, cfg.weight_decay or 0.0
-    head = {id(p) for p in model.get_classifier().parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def sgd(group, per_example_lr):
-        lr = per_example_lr * scale * bs
-        return {"params": group, "lr": lr, "momentum": MUON_SGD_MOMENTUM, "weight_decay": wd * bs / lr}
-
-    stem = {id(p) for p in model.stem_parameters()} if hasattr(model, "stem_parameters") else set()
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2 and id(p) not in head], "muon": True,
-         "lr": cfg.resolved_lr() * backbone_lr_mult, "momentum": MUON_MOMENTUM,
-         "normalize": getattr(model, "normalized_filters", False)},
-        sgd([p for p in params if p.ndim < 2 and id(p) not in head | stem],
-            MUON_SGD_LR["backbone"] * backbone_lr_mult),
-        sgd([p for p in params if id(p) in head], MUON_SGD_LR["head"]),
-    ]
-    if stem := [p for p in params if id(p) in stem]:  # trains in the first epochs only (see FastNet)
-        groups.append({**sgd(stem, MUON_SGD_LR["backbone"] * backbone_lr_mult), "stem": True})
-    return Muon(groups)
-
-
-def _match_state_layout(opt: torch.optim.Optimizer) -> None:
-    """Give loaded optimizer buffers their parameter's memory layout. Checkpoints store tensors contiguous,
-    while channels-last conv weights have NHWC strides; fused optimizers walk parameter and buffer memory
-    in lockstep, so a layout mismatch would silently pair the wrong elements."""
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-
-
-def _build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int,
-                     stem_epochs: float | None = None):
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle" and cfg.freeze_epochs:
-        # fastai's fine_tune: the head-only epochs at the full (constant) lr, then one cycle for the whole net
-        return torch.optim.lr_scheduler.LambdaLR(opt, PhasedOneCycle(cfg.freeze_epochs * steps_per_epoch, total))
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                   total_steps=total,
-                                                   cycle_momentum=cfg.optimizer == "sgd")
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    if cfg.schedule == "linear":  # straight down to 0 at the last step, no warm-up (the speed records')
-        stem = StemDecay(round(stem_epochs * steps_per_epoch)) if stem_epochs else LinearDecay(total)
-        return torch.optim.lr_scheduler.LambdaLR(opt, [stem if g.get("stem") else LinearDecay(total)
-                                                       for g in opt.param_groups])
-    if cfg.schedule == "plateau":
-        mode = "max" if cfg.monitor == "val_acc" else "min"
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.plateau_factor,
-                                                          patience=cfg.plateau_patience)
-    return None
-
-
-class LinearDecay:
-    """lr factor 1 -> 0 over ``total`` steps. An object, not a lambda, so the scheduler's state_dict saves
-    ``total`` (a time budget may shorten it mid-run) and a resumed run decays the same way."""
-
-    def __init__(self, total: int):
-        self.total = total
-
-    def __call__(self, step: int) -> float:
-        return max(0.0, 1 - step / self.total)
-
-
-class StemDecay(LinearDecay):
-    """LinearDecay over the first ``total`` steps, then 0: for parameters that train early only. A class of its
-    own so that a time budget's shortened schedule (which rewrites LinearDecay.total) leaves it alone."""
-
-
-class PhasedOneCycle:
-    """lr factor: 1 for the first ``flat`` steps (head-only training of a frozen backbone: nothing to warm up,
-    and a new head learns fastest at the full rate), then one cycle over the rest: a cosine warm-up from 1/25
-    over 30 % of it, and a cosine decay to 1/25000 (OneCycleLR's shape)."""
-
-    def __init__(self, flat: int, total: int, warmup: float = 0.3):
-        self.flat, self.total, self.warmup = flat, total, warmup
-
-    def __call__(self, step: int) -> float:
-        if step < self.flat:
-            return 1.0
-        span = max(1, self.total - self.flat)
-        t = min(1.0, (step - self.flat) / span)
-        lo, end = 1 / 25, 1 / 25_000
-        if t < self.warmup:
-            return lo + (1 - lo) * (1 - math.cos(math.pi * t / self.warmup)) / 2
-        return end + (1 - end) * (1 + math.cos(math.pi * (t - self.warmup) / (1 - self.warmup))) / 2
-
-
-def _new_run_dir(project: Path, name: str) -> Path:
-    """runs/NAME, or NAME-2, NAME-3 ... if taken: a run folder is never reused or overwritten."""
-    project.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 10_000):
-        path = project / (name if i == 1 else f"{name}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise ImgclfError(f"too many runs named {name} in {project}; pass --name")
-
-
-def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
 def _n(split) -> int:
     return 0 if split is None else len(split.y)
 
 
-class _stop_on_sigint:
-    """First Ctrl-C asks the loop to stop after the current step (so weights are never saved
-    half-updated); a second one interrupts at once."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer, self.previous = trainer, None
-
-    def _handler(self, signum, frame):
-        if self.trainer.stop_requested:
-            raise KeyboardInterrupt
-        self.trainer.request_stop()
-        if self.trainer.world.is_main:  # torchrun passes Ctrl-C to every process; all stop at the same step
-            tqdm.write("\nstopping after this step and saving `last` (Ctrl-C again to abort at once)", file=sys.stderr)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False

@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ImgclfError
-from .utils import atomic_write_bytes, atomic_write_text
+from ..errors import ImgclfError
+from ..utils import atomic_write_bytes, atomic_write_text
 
 
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:
@@ -59,7 +59,8 @@ def runs(folder: str | Path = "runs") -> list[dict[str, Any]]:
 def compare(run_dirs: list[str | Path], *, out: str | Path | None = None) -> dict[str, Any]:
     """One table of the runs and their validation curves overlaid, written as compare.html and compare.png
     into ``out`` (default: the folder holding the first run). -> {"runs": [summaries], "files": [...]}."""
-    from .report import CSS, _img, plot_compare
+    from .plots import plot_compare
+    from .report import CSS, _img
 
     if not run_dirs:
         raise ImgclfError("give at least one run folder to compare")
@@ -107,7 +108,7 @@ def _cells(r: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _params(model: str | None, data: dict[str, Any]) -> int | None:
-    from .models import model_info
+    from ..models import model_info
 
     try:
         return model_info(model, num_classes=len(data["classes"]), in_channels=data["channels"],

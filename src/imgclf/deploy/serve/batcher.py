@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..data.tensors import to_tensor
-from ..predict import BaseClassifier
+from ...data.tensors import to_tensor
+from ...inference import BaseClassifier
 
 
 class Overloaded(Exception):

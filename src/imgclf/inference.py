@@ -1,0 +1,163 @@
+"""The one forward path: logits of a model on uint8 images, autocast, test-time-augmentation views, and the
+face every classifier backend shares (:class:`BaseClassifier`: decode, rank, report).
+
+    logits = predict_logits(model, x_uint8, normalizer, autocast_dtype=torch.bfloat16)
+    views = tta_views(x_uint8, "flip+translate")      # the copies whose softmax TTA averages
+
+Training's validation, evaluation, predict, export and serve all score through here, so a number never
+depends on which of them computed it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data.images import Preprocess, preprocess_image
+from .data.tensors import Normalizer, to_tensor
+from .errors import ImgclfError
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast when asked for; a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, normalizer: Normalizer, *, batch_size: int = 512,
+                   autocast_dtype: torch.dtype | None = None, channels_last: bool = True) -> torch.Tensor:
+    """Logits (float32, on the model's device) for a (N, C, H, W) uint8 tensor, in eval mode, batched."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = normalizer(x[i:i + batch_size].to(device, non_blocking=True))
+            xb = xb.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            with autocast_context(device, autocast_dtype):
+                out.append(model(xb).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, getattr(model, "num_classes", 0), device=device)
+
+
+TTA_SHIFT = 1  # pixels a translated copy moves, as in airbench (2 px scores lower on FastNet CIFAR-10 runs)
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The copies of a (N, C, H, W) uint8 batch that ``mode`` averages over: the images and their mirror
+    images ("flip"); for "flip+translate" also both shifted by TTA_SHIFT pixels down-right and up-left
+    (edge pixels repeated, so no black borders appear); "translate" is the images and their two shifts,
+    with no mirror images (for digits and letters, which a mirror changes)."""
+    bases = [x] if mode == "translate" else [x, x.flip(3)]
+    views = list(bases)
+    if mode in ("flip+translate", "translate"):
+        h, w = x.shape[2], x.shape[3]
+        for d in (TTA_SHIFT, -TTA_SHIFT):
+            rows = (torch.arange(h, device=x.device) - d).clamp(0, h - 1)
+            cols = (torch.arange(w, device=x.device) - d).clamp(0, w - 1)
+            views += [v.index_select(2, rows).index_select(3, cols) for v in bases]
+    return views
+
+
+@dataclass
+class Prediction:
+    source: str
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class name, probability), best first
+    error: str | None = None                                     # set when the image could not be read
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"source": self.source}
+        if self.error:
+            d["error"] = self.error
+        else:
+            d["top"] = [{"class": c, "probability": round(p, 6)} for c, p in self.top]
+        return d
+
+
+class BaseClassifier:
+    """Classes + preprocessing + a ``logits`` backend -> predictions for any image. Subclasses (PyTorch:
+    :class:`Classifier`; ONNX Runtime: :class:`imgclf.onnx_runtime.OnnxClassifier`) set ``classes``,
+    ``preprocess``, ``meta`` and ``path`` and implement :meth:`logits`; everything else is shared, so
+    every backend decodes, ranks and reports images the same way."""
+
+    classes: list[str]
+    preprocess: Preprocess
+    meta: dict[str, Any]
+    path: Path | None
+
+    @property
+    def temperature(self) -> float:
+        """Divides the logits before the softmax of :meth:`predict_proba`: fitted by ``imgclf evaluate
+        --calibrate`` so probabilities match observed accuracy; 1.0 (no change) until then."""
+        return float(self.meta.get("temperature") or 1.0)
+
+    def logits(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Float32 CPU logits (N, num_classes) for a (N, C, H, W) uint8 tensor of preprocessed images."""
+        raise NotImplementedError
+
+    def predict_proba(self, images: list[Any] | Any, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities (N, num_classes) for paths, bytes, PIL images or (H, W, C) uint8 arrays.
+        An unreadable image raises :class:`ImgclfError` naming it."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            return np.zeros((0, len(self.classes)), np.float32)
+        x = to_tensor(np.stack([self._to_array(img) for img in images]))
+        return torch.softmax(self.logits(x, batch_size=batch_size) / self.temperature, dim=1).numpy()
+
+    def predict(self, images: list[Any] | Any, top_k: int = 3, errors: str = "raise") -> list[Prediction]:
+        """Top-k classes per image. ``errors="report"`` returns a Prediction with ``error`` set for an
+        unreadable image and still predicts the rest; ``"raise"`` (default) stops at the first."""
+        if errors not in ("raise", "report"):
+            raise ValueError("errors must be 'raise' or 'report'")
+        if top_k < 1:
+            raise ImgclfError(f"top_k must be at least 1, got {top_k}")
+        images = images if isinstance(images, (list, tuple)) else [images]
+        k = min(top_k, len(self.classes))  # asking for more than there are returns them all
+        results: list[Prediction] = []
+        good: list[tuple[int, np.ndarray]] = []
+        for img in images:
+            pred = Prediction(source=_describe(img))
+            try:
+                good.append((len(results), self._to_array(img)))
+            except ImgclfError as e:
+                if errors == "raise":
+                    raise
+                pred.error = str(e)
+            results.append(pred)
+        if good:
+            probs = self.predict_proba([a for _, a in good])
+            for (i, _), top in zip(good, self.rank(probs, k)):
+                results[i].top = top
+        return results
+
+    def rank(self, probs: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+        """(N, num_classes) probabilities -> per image the top-k (class name, probability), best first."""
+        k = min(top_k, len(self.classes))
+        return [[(self.classes[j], float(p[j])) for j in np.argsort(-p, kind="stable")[:k]] for p in probs]
+
+    def _to_array(self, img: Any) -> np.ndarray:
+        if isinstance(img, np.ndarray):  # already decoded: must already match the model's input
+            want = (self.preprocess.image_size, self.preprocess.image_size, self.preprocess.channels)
+            if img.dtype != np.uint8 or img.shape != want:
+                raise ImgclfError(f"array input must be uint8 of shape {want}, got {img.dtype} {img.shape}")
+            return img
+        return preprocess_image(img, self.preprocess)
+
+
+def _describe(img: Any) -> str:
+    if isinstance(img, (str, os.PathLike)):
+        return str(img)
+    return f"<{type(img).__name__}>"

@@ -1,0 +1,102 @@
+"""The package's shape: imports run one way (data and models at the bottom, the command line at the top),
+with no cycle, function-level imports included, and no public name shadows a module."""
+import ast
+from pathlib import Path
+
+import imgclf
+
+SRC = Path(imgclf.__file__).parent
+
+
+def _module(path: Path) -> str:
+    parts = ["imgclf", *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the imgclf modules it imports anywhere in its text (top level or inside functions)."""
+    files = {_module(p): p for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in files else target for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[mod].update(t for t in targets if t in files and t != mod)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_one():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_layers_import_downwards_only():
+    """data and models import nothing above them; inference and the classifiers nothing of training,
+    evaluation, deploy or the command line; training, evaluation and deploy never the command line."""
+    graph = import_graph()
+    above = {
+        "imgclf.data": ("imgclf.inference", "imgclf.classifier", "imgclf.onnx_runtime", "imgclf.training",
+                        "imgclf.evaluation", "imgclf.deploy", "imgclf.cli", "imgclf.models"),
+        "imgclf.models": ("imgclf.inference", "imgclf.classifier", "imgclf.onnx_runtime", "imgclf.training",
+                          "imgclf.evaluation", "imgclf.deploy", "imgclf.cli", "imgclf.data"),
+        "imgclf.inference": ("imgclf.classifier", "imgclf.training", "imgclf.evaluation", "imgclf.deploy",
+                             "imgclf.cli"),
+        "imgclf.classifier": ("imgclf.training", "imgclf.evaluation", "imgclf.deploy", "imgclf.cli"),
+        "imgclf.evaluation": ("imgclf.training", "imgclf.deploy", "imgclf.cli"),
+        "imgclf.deploy": ("imgclf.training", "imgclf.cli"),
+        "imgclf.training": ("imgclf.deploy", "imgclf.cli"),
+    }
+    wrong = [(m, t) for m, targets in graph.items() for t in targets for layer, banned in above.items()
+             if (m == layer or m.startswith(layer + ".")) and (t in banned or t.startswith(banned))
+             or t == "imgclf" and m != "imgclf"]
+    assert wrong == []
+
+
+def test_public_names_do_not_shadow_modules():
+    """`imgclf.export` is the function, and no module named imgclf.export exists to be hidden by it."""
+    modules = {p.stem for p in SRC.iterdir() if p.suffix == ".py"} | {p.name for p in SRC.iterdir() if p.is_dir()}
+    assert not set(imgclf.__all__) & modules
