@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import imgclf  # noqa: F401 - flushes subnormals, as every imgclf run does
+from imgclf.config import TrainConfig
 from imgclf.models import _kernels, create_model
-from imgclf.training.optim import Muon
+from imgclf.training.optim import build_optimizer
 
 SHAPES = [(24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 3)]  # (in, out, side)
 
@@ -56,10 +57,7 @@ def step_times(batch: int, reps: int) -> dict:
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     model.init_whitening(x[:500])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = Muon([{"params": [p for p in params if p.ndim >= 2 and p is not model.head.weight], "muon": True,
-                 "lr": 0.24, "momentum": 0.6, "normalize": True},
-                {"params": [p for p in params if p.ndim < 2] + [model.head.weight], "lr": 0.05, "momentum": 0.85}])
+    opt = build_optimizer(TrainConfig(model="fastnet", batch_size=batch), model)  # training's own Muon groups
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -13,13 +13,14 @@ the same fixed environment otherwise (threads, ``PYTHONHASHSEED=0``, ``--device 
 - fast:  the fast recipe (FastNet-S), 2 epochs on 5 % of CIFAR-10, flip TTA;
 - photo: the photo recipe (ImageNet EfficientNet-Lite0, offline weights), 3 epochs on 25 weather photos
   per class (the first by sorted name), extracted once and shared by both sides;
-- int8:  ``imgclf export`` of the fast run with int8, JSON: agreement, accuracy, logit differences, sizes.
+- int8:  ``imgclf export`` of the fast run with int8, JSON: agreement, accuracy, logit differences.
 
 From each command's stdout+stderr it keeps the lines that carry numbers, after removing what legitimately
-differs (times in seconds, images/s, temporary paths, source file:line in warnings, dates), and prints
+differs (times in seconds, images/s, ``eta`` lines, temporary paths, source file:line in warnings, dates,
+file sizes: an .onnx file's metadata holds its source path and the run's training seconds), and prints
 them as a full-context diff (``-`` old, ``+`` new, ``?`` marks the differing characters) with a verdict:
 SAME or DIFFERENT. Exit status 0 only when every command is SAME. The data are ``../shared/datasets``;
-about 5 minutes per side on 2 cores.
+about 1-2 minutes per side on 2 cores.
 """
 from __future__ import annotations
 
@@ -159,6 +160,7 @@ def normalize(text: str, side: Side, photos: Path, scratch: Path) -> list[str]:
         (r"\b\d{2}:\d{2}:\d{2}(\.\d+)?\b", "<clock>"),
         (r"[\d,]+(\.\d+)?\s*(img|images)/s\b", "<rate>"),
         (r'("[\w ]*(_s|seconds|time|per_s)"\s*:\s*)-?[\d.eE+-]+', r"\1<t>"),   # JSON timings
+        (r'("size_bytes"\s*:\s*)\d+', r"\1<bytes>"),   # .onnx metadata holds the run's path and seconds
         (r"\b\d[\d,]*(\.\d+)?\s?(ms|s|min)\b", "<t>"),                        # 13.8s, 2.9 s, 12 ms
     ]
     lines = []
@@ -166,7 +168,7 @@ def normalize(text: str, side: Side, photos: Path, scratch: Path) -> list[str]:
         for pattern, repl in subs:
             line = re.sub(pattern, repl, line)
         line = line.rstrip()
-        if re.search(r"\d", line):
+        if re.search(r"\d", line) and not line.startswith("eta "):   # eta: a time forecast, nothing else
             lines.append(line)
     return lines
 
@@ -203,10 +205,10 @@ def report(cmd: str, sides: list[Side], results: dict, photos: Path, scratch: Pa
             (keep / f"{cmd}.{side.label}.numbers.txt").write_text("\n".join(lines) + "\n")
     same = rc_o == 0 and rc_n == 0 and a == b and bool(a)
     verdict = "SAME" if same else "DIFFERENT"
+    changed = sum(max(i2 - i1, j2 - j1) for op, i1, i2, j1, j2 in
+                  difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes() if op != "equal")
     why = "" if same else (f" (exit {rc_o} old, {rc_n} new)" if (rc_o, rc_n) != (0, 0) else
-                           " (no number lines)" if not a else
-                           f" ({sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))} of {max(len(a), len(b))}"
-                           " lines)")
+                           " (no number lines)" if not a else f" ({changed} of {max(len(a), len(b))} lines)")
     argv = " ".join(command_args(cmd, Path("<runs>"), Path("<photos>"), "cpu")).replace(str(DATASETS), "<datasets>")
     print(f"\n=== {cmd}: {verdict}{why}   old {s_o:.0f} s, new {s_n:.0f} s\n    imgclf {argv}")
     for line in difflib.ndiff(a, b) if a != b else ("  " + x for x in a):

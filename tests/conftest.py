@@ -103,6 +103,22 @@ def tiny_run(tmp_path_factory, session_home):
     return result
 
 
+@pytest.fixture(scope="session")
+def cifar_seed_run(tmp_path_factory, session_home):
+    """The seed CNN trained once per session, 1 epoch on 10,000 real CIFAR-10 training images (~40 s on 2
+    cores): the real-data model the training, predict and int8 tests share. Tests copy it before changing it."""
+    import os
+
+    import imgclf
+
+    if not CIFAR_JPEG.is_file():
+        pytest.skip(f"{CIFAR_JPEG} not present")
+    os.environ["IMGCLF_HOME"] = str(session_home)
+    root = tmp_path_factory.mktemp("cifar_run")
+    return imgclf.train(data=str(CIFAR_JPEG), model="seed-cnn", epochs=1, batch_size=64, fraction=0.2,
+                        project=str(root), name="seed", progress=False)
+
+
 # --- data-layer fixtures (tests/test_data_*.py) -----------------------------------------------------
 
 @pytest.fixture

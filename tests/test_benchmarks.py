@@ -33,3 +33,20 @@ def test_recipe_seeds_moves_the_yardstick_source():
         pytest.skip("the shared yardstick is not beside this checkout")
     src = rs.YARDSTICK.read_text()
     assert all(old in src for old, _ in rs._MOVE)  # else --yardstick would stop with a clear message
+
+
+def test_train_speed_counts_grouped_convolutions_backward_as_grouped():
+    """A depthwise convolution's backward costs twice its forward pass (input and weight gradients), as a dense
+    one's does; PyTorch's own counter takes it as dense, 64x too much here."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ts = _load("train_speed")
+    for groups in (64, 1):
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=groups, bias=False)
+        x = torch.randn(2, 64, 8, 8, requires_grad=True)
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward:
+                                                            ts.conv_backward_flop}) as counter:
+            conv(x).sum().backward()
+        forward = 2 * 2 * 8 * 8 * 64 * (64 // groups) * 9
+        assert counter.get_total_flops() == 3 * forward

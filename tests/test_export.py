@@ -21,14 +21,6 @@ from imgclf.onnx_runtime import load_onnx
 
 
 @pytest.fixture(scope="module")
-def cifar_seed_run(tmp_path_factory):
-    """seed-cnn trained 1 epoch on 20% of CIFAR-10 (~30 s on 2 cores): a small real-data model."""
-    root = tmp_path_factory.mktemp("cifar_run")
-    return imgclf.train(data=str(CIFAR_JPEG), model="seed-cnn", epochs=1, fraction=0.2, project=str(root),
-                        name="seed", progress=False)
-
-
-@pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
     """The tiny run exported once: (report, path of the .onnx)."""
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"

@@ -59,7 +59,7 @@ def test_natural_class_order_and_test_as_validation_note(tmp_path, capsys):
 def test_final_test_reuses_the_validation_on_test(tiny_folder, tmp_path, monkeypatch, val_split, passes):
     """Validating on the test split scores the final weights already: the final test then makes no second
     pass and reports the same figures; with a validation split of its own it scores the test split once."""
-    from imgclf.training import train as train_mod
+    from imgclf.training import final as train_mod
 
     calls = []
     real = train_mod.predict_logits
@@ -170,14 +170,11 @@ def test_fraction_is_stratified(tiny_folder, tmp_path):
 
 
 @pytest.mark.realdata
-def test_real_cifar10_seed_cnn_one_epoch(tmp_path):
+def test_real_cifar10_seed_cnn_one_epoch(cifar_seed_run):
     """The seed CNN, 1 epoch on 10,000 real CIFAR-10 training images, scores >= 33 % on the full test set
     (chance: 10 %; an H100 scored 34.8 %)."""
     from conftest import CIFAR_JPEG
-    if not CIFAR_JPEG.is_file():
-        pytest.skip(f"{CIFAR_JPEG} not present")
-    r = imgclf.train(data=str(CIFAR_JPEG), model="seed-cnn", epochs=1, batch_size=64, fraction=0.2,
-                     project=str(tmp_path / "runs"), progress=False)
+    r = cifar_seed_run
     assert r.test_metrics["n"] == 10_000
     assert r.test_metrics["top1"] >= 0.33, r.test_metrics
 
@@ -278,7 +275,7 @@ def test_imbalance_is_noted_and_weighted(tmp_path, capsys):
 
     class Grab(Callback):
         def on_epoch_end(self, trainer, row):
-            seen["w"], seen["s"] = trainer.loss_weight, trainer.sample_weight
+            seen["w"], seen["s"] = trainer.batches.loss_weight, trainer.batches.sample_weight
     r = _train(data, tmp_path, epochs=1, class_weights="auto", balanced_sampling=True, callbacks=[Grab()])
     out = capsys.readouterr().out
     assert "class imbalance: 'red' has 20 training images" in out

@@ -12,10 +12,21 @@ linear schedule if the machine turned out slower than measured.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from ..data.tensors import Normalizer, channel_stats, to_tensor
 from ..errors import ImgclfError
+from ..inference import autocast_context
+from ..models import create_model
+from .optim import build_optimizer
+from .precision import autocast_dtype, scaled_backward, sync
 
 MIN_EPOCHS = 5         # fewer than this, a narrower, faster FastNet trains better in the same time
 SAFETY = 0.92          # plan to use this share of the time left: epochs vary, and the end must not overrun
@@ -88,3 +99,44 @@ def plan_budget(seconds_left: float, n_train: int, n_eval: int, speeds: list[Spe
                     f"{' with ' + plan.tta + ' TTA' if plan.tta else ''} ({plan.eval_seconds:.0f}s)"
                     + (f": {reason}" if reason else ""))
     return plan
+
+
+def measure_speeds(cfg: TrainConfig, names: list[str], ds, device: torch.device,
+                   rounds: int = SPEED_ROUNDS) -> list[Speed]:
+    """Training and inference images/s of each model in ``names`` on a real batch: one warm-up step each
+    (kernel selection, allocations), then ``rounds`` timed steps taken in turn, model after model, and each
+    model's fastest kept. On a shared machine a step can be slowed by other work (a VM's "steal"); taking
+    turns spreads such a spell over the models instead of hitting one, and the fastest step is the one it
+    spared. The global RNG is left as it was."""
+    bs, ebs = min(cfg.batch_size, len(ds.train.y)), min(cfg.eval_batch_size, len(ds.train.y))
+    norm = Normalizer(*channel_stats(ds.train.x[:1000]), device)
+    x = norm(to_tensor(ds.train.x[:max(bs, ebs)], device)).contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(ds.train.y[:bs]).to(device)
+    best = {name: [0.0, 0.0] for name in names}  # images/s: training, inference
+    with torch.random.fork_rng(devices=[]):
+        runs = []
+        for name in names:
+            model = create_model(name, num_classes=len(ds.classes), in_channels=ds.channels,
+                                 image_size=ds.image_size).to(device, memory_format=torch.channels_last)
+            runs.append((name, model, autocast_dtype(cfg.precision, device, model),
+                         build_optimizer(dataclasses.replace(cfg, model=name), model)))
+        for i in range(1 + rounds):  # round 0 warms up
+            for name, model, dtype, opt in runs:
+                model.train()
+                t0 = time.perf_counter()
+                with autocast_context(device, dtype):
+                    loss = F.cross_entropy(model(x[:bs]).float(), y)
+                scaled_backward(loss, bs, model)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync(device)
+                train_ips = bs / (time.perf_counter() - t0)
+                model.eval()
+                with torch.no_grad(), autocast_context(device, dtype):
+                    t0 = time.perf_counter()
+                    model(x[:ebs])
+                    sync(device)
+                    eval_ips = ebs / (time.perf_counter() - t0)
+                if i > 0:
+                    best[name] = [max(best[name][0], train_ips), max(best[name][1], eval_ips)]
+    return [Speed(name, *best[name]) for name in names]

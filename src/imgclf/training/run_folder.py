@@ -1,10 +1,19 @@
-"""The run folder's files that training writes as it goes: a fresh folder per run, and metrics.csv."""
+"""The run folder's files that training writes as it goes: a fresh folder per run, metrics.csv, run.json,
+and the metadata every checkpoint carries."""
 from __future__ import annotations
 
 import csv
 import io
+import json
+import platform
+import sys
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from .._version import __version__
+from ..data import BUILTINS
 from ..errors import ImgclfError
 from ..utils import atomic_write_text
 
@@ -31,3 +40,50 @@ def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(path, buf.getvalue())
+
+
+def checkpoint_meta(setup, state, kind: str, row: dict | None = None, extra: dict | None = None) -> dict:
+    """What a checkpoint says of itself: architecture, classes, preprocessing, where its data came from (so
+    evaluate/export find the same images again), the epoch and its metrics, the best score so far."""
+    cfg, ds = setup.cfg, setup.ds
+    return {
+        "kind": kind,
+        "imgclf_version": __version__,
+        "torch_version": torch.__version__,
+        "arch": setup.model.arch_args,
+        "classes": ds.classes,
+        "preprocess": setup.preprocess.to_dict(),
+        "channels_last": cfg.channels_last,
+        "data": {"source": ds.source, "name": ds.name, "builtin": cfg.data if cfg.data in BUILTINS else None,
+                 "val_split": cfg.val_split,
+                 "test_split": cfg.test_split, "seed": cfg.seed, "skip_bad_images": cfg.skip_bad_images,
+                 **setup.decode_args},
+        "epoch": state.epoch,
+        "metrics": dict(row or (state.history[-1] if state.history else {})),
+        "best": {"epoch": state.best_epoch, "monitor": cfg.monitor, "score": state.best_score},
+        **(extra or {}),
+    }
+
+
+def write_run_json(path: Path, setup, status: str, processes: int, notes: list[str], **extra: Any) -> None:
+    """run.json: the run's status, versions, machine and data summary (and, at the end, its test metrics)."""
+    ds = setup.ds
+    info = {
+        "status": status,
+        "imgclf_version": __version__, "torch_version": torch.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(setup.device), "precision": "bf16" if setup.autocast_dtype else "fp32",
+        "processes": processes,
+        "lr": setup.cfg.resolved_lr(), "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
+        "data": {"source": ds.source, "name": ds.name, "classes": ds.classes, "channels": ds.channels,
+                 "image_size": ds.image_size, "train": len(ds.train.y), "val": _n(ds.val), "test": _n(ds.test),
+                 "val_origin": ds.val_origin, "skipped": ds.skipped},
+        "notes": notes,
+        **extra,
+    }
+    atomic_write_text(path, json.dumps(info, indent=2, default=str) + "\n")
+
+
+def _n(split) -> int:
+    return 0 if split is None else len(split.y)

@@ -1,0 +1,237 @@
+"""Everything a run needs before its first step, decided once: the recipe's settings, the data, the
+validation split, the time budget's plan, the model, its preprocessing and precision, and the batch source.
+
+    setup = prepare(cfg, world, resume=ckpt_or_None, started=time.monotonic(), progress=True)
+
+:func:`prepare` returns a frozen :class:`Setup`; nothing after it changes the config (a time budget that
+shortens the run keeps its own count in the training state). The order of the steps is part of the
+behaviour: the model is built right after the global generator is seeded, so a seed gives the same weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..config import TrainConfig, progressive_sizes
+from ..data import Dataset, Preprocess, Split, load_dataset
+from ..data.split import stratified_split
+from ..data.tensors import Normalizer, channel_stats, to_tensor
+from ..errors import ImgclfError
+from ..inference import tta_views
+from ..models import create_model, model_info
+from ..models._base import ImageClassifier
+from ..models.fastnet import VARIANTS as FASTNET_VARIANTS
+from ..recipes import resolve
+from ..utils import resolve_device
+from .augment import ALTERNATING_FLIP, build_augment
+from .batches import InMemoryBatches
+from .budget import FIXED_END_SECONDS, measure_speeds, plan_budget
+from .precision import autocast_dtype
+
+INIT_SAMPLE = 5000  # training images a model's data-dependent init looks at
+
+
+@dataclass(frozen=True)
+class Setup:
+    cfg: TrainConfig                      # the user's settings, completed by the recipe and the time budget
+    device: torch.device
+    ds: Dataset                           # its train split reduced by --fraction
+    val: Split | None                     # what each epoch is scored on (the test split when there is no val)
+    val_name: str                         # how the log describes it
+    model: ImageClassifier                # on the device, in its memory format
+    preprocess: Preprocess                # the normalisation the model always sees (saved in checkpoints)
+    normalizer: Normalizer
+    autocast_dtype: torch.dtype | None
+    batches: InMemoryBatches              # the training images and how a batch of them is made
+    val_tensors: tuple[torch.Tensor, torch.Tensor] | None  # val images on the device, labels on the CPU
+    fine_tuning: bool                     # from pretrained weights or --init-from: BatchNorm statistics stay
+    start: str                            # "from scratch", "ImageNet-pretrained", "initialised from ..."
+    decode_args: dict                     # how the data was asked for: evaluate/export ask the same way
+    budget_end_seconds: float | None      # with --time-budget: what the final evaluation and files need
+    resume: Checkpoint | None             # `last` of the run being resumed
+    notes: tuple[str, ...]
+
+    @property
+    def val_is_test(self) -> bool:
+        return self.val is not None and self.val is self.ds.test
+
+
+def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, started: float | None = None,
+            progress: bool = True) -> Setup:
+    """Resolve, load and build everything for one run (see the module docstring)."""
+    started = time.monotonic() if started is None else started
+    notes: list[str] = []
+    if resume is not None and resume.train_state is None:
+        raise ImgclfError(f"{resume.path} holds no training state; cannot resume from it")
+    # --init-from matters only at the start: a resumed run takes everything from `last`
+    init = load_checkpoint(cfg.init_from) if cfg.init_from and resume is None else None
+    if init is not None:
+        cfg = _with_init_arch(cfg, init)
+    # every setting the user left to the recipe is filled here, once; the resolved config is what
+    # config.toml records, so a resume (or --config) repeats exactly this run
+    user_cfg = cfg
+    cfg, why = resolve(cfg)
+    notes += why
+    device = world.local_device(resolve_device(cfg.device))  # cuda: this process's own GPU
+
+    # Fail fast on a misspelt model or preset, before minutes of decoding.
+    model_info(cfg.model)
+    build_augment(cfg.augment, cfg.image_size or 32)
+    image_size, channels = cfg.image_size, None
+    fixed = resume or init
+    if fixed is not None:  # the checkpoint fixes what its first layers expect
+        image_size = image_size or fixed.meta["preprocess"]["image_size"]
+        channels = fixed.meta["preprocess"]["channels"]
+    with world.local_main_first():  # several processes: one decodes into the cache, the rest load it
+        ds = load_dataset(cfg.data, image_size=image_size, channels=channels, val_split=cfg.val_split,
+                          test_split=cfg.test_split, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
+                          progress=progress)
+    if cfg.fraction < 1.0:
+        _, keep = stratified_split(ds.train.y, cfg.fraction, np.random.default_rng(cfg.seed))
+        ds.train = Split(ds.train.x[keep], ds.train.y[keep])
+        notes.append(f"training on {cfg.fraction:.0%} of the training images ({len(keep):,}), stratified by class")
+    notes += _imbalance_notes(cfg, ds.train.y, ds.classes)
+    if ds.skipped:
+        notes.append(f"skipped {len(ds.skipped)} unreadable image(s); listed in run.json")
+    val, val_name = _choose_validation(ds, notes)
+    budget_end = None
+    if cfg.time_budget is not None and resume is None:  # rank 0 plans, every process follows
+        cfg, budget_end, why = world.from_main(
+            lambda: _plan_time_budget(cfg, user_cfg, ds, val, device, started))
+        notes += why
+    if resume is not None and list(resume.meta["classes"]) != ds.classes:
+        raise ImgclfError(f"cannot resume: the data's classes changed since the run started ({ds.source})")
+
+    torch.manual_seed(cfg.seed)  # model init and dropout draw from the global generator
+    model = _build_model(cfg, ds, init, resume, notes)
+    preprocess = _choose_preprocess(ds, model, init, resume)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    if model.fixed_input_size and len(set(progressive_sizes(cfg.progressive, ds.image_size, cfg.epochs))) > 1:
+        raise ImgclfError(f"{cfg.model} takes one input size only (its dense layer is sized for it): "
+                          "drop --progressive or pass --progressive none")
+    dtype = autocast_dtype(cfg.precision, device, model)
+    model = model.to(device, memory_format=memory_format)
+    normalizer = Normalizer(preprocess.mean, preprocess.std, device)
+    batches = InMemoryBatches(
+        to_tensor(ds.train.x, device), torch.from_numpy(ds.train.y).to(device), normalizer,
+        build_augment(cfg.augment, ds.image_size), memory_format, cfg=cfg, image_size=ds.image_size,
+        alternating_flip=cfg.augment in ALTERNATING_FLIP, num_classes=len(ds.classes))
+    val_tensors = None if val is None else (to_tensor(val.x, device), torch.from_numpy(val.y))
+    pretrained = bool(cfg.pretrained and cfg.pretrained != "none")
+    if resume is None and init is None and not pretrained:
+        _init_from_data(model, batches, normalizer, cfg.seed)
+    fine_tuning = bool(cfg.init_from or pretrained)
+    if fine_tuning and any(isinstance(m, _BatchNorm) for m in model.modules()):
+        notes.append("fine-tuning: BatchNorm keeps the pretrained statistics (inference mode; its scale "
+                     "and shift still learn), as Keras's fine-tuning guide does")
+    start = ("ImageNet-pretrained" if pretrained else
+             f"initialised from {cfg.init_from}" if init is not None else "from scratch")
+    return Setup(cfg=cfg, device=device, ds=ds, val=val, val_name=val_name, model=model, preprocess=preprocess,
+                 normalizer=normalizer, autocast_dtype=dtype, batches=batches, val_tensors=val_tensors,
+                 fine_tuning=fine_tuning, start=start,
+                 decode_args={"image_size": image_size, "channels": channels}, budget_end_seconds=budget_end,
+                 resume=resume, notes=tuple(notes))
+
+
+def _with_init_arch(cfg: TrainConfig, init: Checkpoint) -> TrainConfig:
+    """--init-from fixes the architecture (and, left to the recipe, the seed recipe's fine-tuning settings)."""
+    arch = init.meta["arch"]["name"]
+    if cfg.model is not None and cfg.model != arch:
+        raise ImgclfError(f"--init-from {cfg.init_from} holds a {arch}, not a {cfg.model}; "
+                          "drop --model or pick a checkpoint of that model")
+    return dataclasses.replace(cfg, model=arch, recipe="seed" if cfg.recipe == "auto" else cfg.recipe)
+
+
+def _build_model(cfg: TrainConfig, ds: Dataset, init, resume, notes: list[str]) -> ImageClassifier:
+    """A new model, or the pretrained/initialised one for fine-tuning (its head replaced when the
+    classes differ). A resumed run rebuilds the checkpoint's own architecture; its weights come from
+    `last`, so nothing is downloaded or loaded twice."""
+    k = len(ds.classes)
+    if resume is not None:
+        return create_model(**resume.meta["arch"])
+    if init is not None:
+        model = create_model(**init.meta["arch"])
+        model.load_state_dict(init.state_dict)
+        if list(init.meta["classes"]) != ds.classes:
+            model.reset_classifier(k)
+            notes.append(f"initialised from {cfg.init_from}: backbone kept, new {k}-class head "
+                         f"(its classes {', '.join(init.meta['classes'][:5])}... differ from the data's)")
+        return model
+    pretrained = cfg.pretrained if cfg.pretrained not in (None, "none") else None
+    model = create_model(cfg.model, num_classes=k, in_channels=ds.channels, image_size=ds.image_size,
+                         pretrained=pretrained)
+    notes += model.pretrained_notes
+    return model
+
+
+def _plan_time_budget(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val, device: torch.device,
+                      started: float) -> tuple[TrainConfig, float, list[str]]:
+    """Measure each candidate model's speed here for a step or two, then let budget.plan_budget choose the
+    model (when the recipe chose it: FastNet's widths), the epochs and whether TTA fits."""
+    names = list(FASTNET_VARIANTS) if user_cfg.model is None and cfg.model in FASTNET_VARIANTS else [cfg.model]
+    speeds = measure_speeds(cfg, names, ds, device)
+    n_eval = (0 if val is None or (cfg.val_every == 0) else len(val.y)) + _n(ds.test)
+    tta = None if cfg.tta == "none" else cfg.tta
+    views = len(tta_views(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), tta)) if tta else 0
+    plan = plan_budget(cfg.time_budget - (time.monotonic() - started), len(ds.train.y), n_eval, speeds,
+                       max_epochs=cfg.epochs, tta=tta, tta_views=views)
+    return (dataclasses.replace(cfg, model=plan.model, epochs=plan.epochs, tta=plan.tta or "none"),
+            plan.eval_seconds + FIXED_END_SECONDS, plan.why)
+
+
+@torch.no_grad()
+def _init_from_data(model: ImageClassifier, batches: InMemoryBatches, normalizer: Normalizer, seed: int) -> None:
+    """Let the model set data-dependent layers (FastNet's patch whitening) from a seeded sample of the
+    normalised training images; models without such layers ignore it."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(batches), generator=g)[:INIT_SAMPLE].to(batches.x.device)
+    model.init_from_data(normalizer(batches.x[pick]))
+
+
+def _choose_preprocess(ds: Dataset, model: ImageClassifier, init, resume) -> Preprocess:
+    """The normalisation the model will always see: a resumed run's own (never re-derived), the one
+    pretrained weights were trained with, an initialising checkpoint's, or this data's statistics."""
+    if resume is not None:
+        return Preprocess.from_dict(resume.meta["preprocess"])
+    if model.input_mean is not None:
+        mean, std = model.input_mean[:ds.channels], model.input_std[:ds.channels]
+    elif init is not None:
+        mean, std = init.meta["preprocess"]["mean"], init.meta["preprocess"]["std"]
+    else:
+        mean, std = channel_stats(ds.train.x)
+    return Preprocess(image_size=ds.image_size, channels=ds.channels, mean=tuple(mean), std=tuple(std))
+
+
+def _imbalance_notes(cfg: TrainConfig, y: np.ndarray, classes: list[str]) -> list[str]:
+    counts = np.bincount(y, minlength=len(classes))
+    if len(counts) > 1 and counts.min() * 3 < counts.max():
+        few, many = int(counts.argmin()), int(counts.argmax())
+        hint = "" if (cfg.class_weights == "auto" or cfg.balanced_sampling) else \
+            "; consider --class-weights auto or --balanced-sampling"
+        return [f"class imbalance: {classes[many]!r} has {counts[many]:,} training images, "
+                f"{classes[few]!r} only {counts[few]:,}{hint}"]
+    return []
+
+
+def _choose_validation(ds: Dataset, notes: list[str]):
+    if ds.val is not None:
+        share = len(ds.val.y) / (len(ds.val.y) + len(ds.train.y))
+        how = "val/ folder" if ds.val_origin == "val-folder" else f"{share:.0%} of train, stratified"
+        return ds.val, f"validation set: {len(ds.val.y):,} images ({how})"
+    if ds.test is not None:
+        notes.append("no validation set (no val/ folder, --val-split 0): validating on the TEST set, "
+                     "as the seeds do; the best epoch is then chosen on test data, so for an "
+                     "unbiased test score pass --val-split 0.1")
+        return ds.test, f"TEST set used for validation: {len(ds.test.y):,} images"
+    notes.append("no validation or test data: the best epoch is the one with the lowest train loss")
+    return None, "none (best epoch by train loss)"
+
+
+def _n(split) -> int:
+    return 0 if split is None else len(split.y)
