@@ -25,6 +25,7 @@ from ..errors import ImgclfError
 from ..utils import atomic_write_text
 from . import distributed
 from .callbacks import Callback, Checkpointing, EarlyStopping, FrozenBatchNorm, StopOnSigint, TimeBudget
+from .eta import Eta
 from .final import TrainResult, finish
 from .loop import fit
 from .run_folder import checkpoint_meta, new_run_dir, write_metrics_csv, write_run_json
@@ -118,7 +119,7 @@ class Trainer:
             Checkpointing(), EarlyStopping(cfg.patience, cfg.monitor),
             *([TimeBudget(cfg.time_budget, s.budget_end_seconds, self.started)]
               if s.budget_end_seconds is not None else []),
-            *([FrozenBatchNorm()] if s.fine_tuning else []),
+            Eta(), *([FrozenBatchNorm()] if s.fine_tuning else []),
             StopOnSigint(), *self.user_callbacks]
         return finish(self, fit(self))
 
