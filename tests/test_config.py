@@ -133,3 +133,19 @@ def test_json_config_and_bad_files(tmp_path):
         read_config_file(bad)
     with pytest.raises(ImgclfError, match="not found"):
         read_config_file(tmp_path / "missing.toml")
+
+
+def test_every_setting_is_described_once_and_the_cli_shows_it(capsys):
+    """Each TrainConfig field's comment in config.py is its description; `imgclf train --help` shows that
+    text, so a flag's help is written in one place."""
+    from dataclasses import fields
+
+    from conftest import run_cli
+    from imgclf.config import TrainConfig, field_help
+
+    helps = field_help()
+    assert set(helps) == {f.name for f in fields(TrainConfig)} and all(len(h) > 8 for h in helps.values())
+    assert helps["progressive"].endswith('the rest full; "none".')  # a comment continued over two lines
+    code, out, _ = run_cli(capsys, "train", "--help")
+    flat = " ".join(out.split())
+    assert code == 0 and " ".join(helps["time_budget"].split()) in flat and " ".join(helps["data"].split()) in flat

@@ -44,6 +44,18 @@ def test_orthogonalize_flattens_the_spectrum():
     assert tall.shape == (300, 20)
 
 
+def test_orthogonalize_runs_in_bf16_only_where_it_is_native(monkeypatch):
+    """AVX2-only CPUs emulate bf16 matrix products (50x slower than float32 there): the iteration uses float32."""
+    from imgclf.training import optim
+
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        optim._native_bf16.cache_clear()
+        monkeypatch.setattr(optim, "native_bf16", lambda device, native=native: native)
+        assert optim.iteration_dtype(torch.device("cpu")) == dtype
+        assert orthogonalize(torch.randn(8, 16)).dtype == dtype
+    optim._native_bf16.cache_clear()
+
+
 def test_muon_fits_a_small_problem_and_normalizes_filters():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),

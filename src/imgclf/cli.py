@@ -22,10 +22,16 @@ from typing import List, Optional
 
 import typer
 
+from .config import field_help
 from .errors import ImgclfError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Train, judge and ship convolutional image classifiers.")
+
+
+def _h(field: str) -> str:
+    """A training flag's help: the config field's own description (config.py), written once."""
+    return field_help()[field]
 
 
 class Format(str, Enum):
@@ -36,60 +42,47 @@ class Format(str, Enum):
 
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, help="Built-in name (cifar10), official archive/folder, or an image "
-                                       "folder / .tar(.gz) / .zip of one (train/<class>/*, test/<class>/*)."),
-    recipe: Optional[str] = typer.Option(None, help="auto (photo for large images, else fast), fast, seed or "
-                                         "photo: the defaults for every setting not given."),
-    time_budget: Optional[str] = typer.Option(None, help="Finish, evaluated, within this time (e.g. 300, 90s, 5m, "
-                                              "1h): epochs and model width are planned from measured speed."),
-    model: Optional[str] = typer.Option(None, help="Model name; see `imgclf models`."),
-    pretrained: Optional[str] = typer.Option(None, help="imagenet (efficientnet-lite0), or none."),
-    init_from: Optional[str] = typer.Option(None, help="Start from this run/checkpoint (new head if the "
-                                            "classes differ)."),
-    freeze_epochs: Optional[int] = typer.Option(None, help="Train only the head for this many epochs first."),
-    backbone_lr_mult: Optional[float] = typer.Option(None, help="Backbone lr = lr x this when fine-tuning."),
-    class_weights: Optional[str] = typer.Option(None, help="auto: weight the loss by inverse class frequency."),
-    balanced_sampling: Optional[bool] = typer.Option(None, "--balanced-sampling",
-                                                     help="Draw every class equally often."),
-    epochs: Optional[int] = typer.Option(None, help="Number of epochs."),
-    batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
-    optimizer: Optional[str] = typer.Option(None, help="adam, adamw, sgd (Nesterov) or muon (filters; Nesterov "
-                                            "SGD for the rest)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: adam 1e-3, sgd 0.05, muon 0.18)."),
-    momentum: Optional[float] = typer.Option(None, help="SGD momentum."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay."),
-    schedule: Optional[str] = typer.Option(None, help="constant, onecycle, cosine, linear (decay to 0) or plateau."),
-    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing (0 = off)."),
-    augment: Optional[str] = typer.Option(None, help="Augmentation preset: none, flip, standard, strong, seed004, "
-                                          "fast, shift (fast without flips), photo."),
-    patience: Optional[int] = typer.Option(None, help="Early stopping patience in epochs (0 = off)."),
-    monitor: Optional[str] = typer.Option(None, help="val_loss or val_acc: picks the best epoch."),
-    restore_best: Optional[bool] = typer.Option(None, "--restore-best/--no-restore-best",
-                                                help="End with the best epoch's weights."),
-    progressive: Optional[str] = typer.Option(None, help="Progressive resizing, e.g. 0.75:0.375,0.875:0.25 "
-                                              "(the first 37.5% of epochs at 0.75x the input size, the next 25% at "
-                                              "0.875x); none: off."),
-    val_split: Optional[float] = typer.Option(None, help="Fraction of train held out for validation."),
-    val_every: Optional[int] = typer.Option(None, help="Validate every N epochs and after the last (0: only after "
-                                            "the last)."),
-    tta: Optional[str] = typer.Option(None, help="Test-time augmentation for the final test score: flip, "
-                                      "flip+translate, translate (no mirror images) or none."),
-    test_split: Optional[float] = typer.Option(None, help="Fraction held out for test if the data has no test/."),
-    fraction: Optional[float] = typer.Option(None, help="Train on this fraction of the training images "
-                                             "(stratified, seeded), for quick runs."),
-    image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the data's native size)."),
-    skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images",
-                                                   help="Skip unreadable images (listed) instead of stopping."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same run)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N."),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32 or bf16."),
-    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn", help="Several GPUs (torchrun): BatchNorm "
-                                           "statistics over the whole batch, not each process's share."),
-    project: Optional[str] = typer.Option(None, help="Folder that holds run folders (default runs)."),
-    name: Optional[str] = typer.Option(None, help="Run folder name (default <data>-<model>, auto-numbered)."),
+    data: Optional[str] = typer.Option(None, help=_h("data")),
+    recipe: Optional[str] = typer.Option(None, help=_h("recipe")),
+    time_budget: Optional[str] = typer.Option(None, help=_h("time_budget")),
+    model: Optional[str] = typer.Option(None, help=_h("model")),
+    pretrained: Optional[str] = typer.Option(None, help=_h("pretrained")),
+    init_from: Optional[str] = typer.Option(None, help=_h("init_from")),
+    freeze_epochs: Optional[int] = typer.Option(None, help=_h("freeze_epochs")),
+    backbone_lr_mult: Optional[float] = typer.Option(None, help=_h("backbone_lr_mult")),
+    class_weights: Optional[str] = typer.Option(None, help=_h("class_weights")),
+    balanced_sampling: Optional[bool] = typer.Option(None, "--balanced-sampling", help=_h("balanced_sampling")),
+    epochs: Optional[int] = typer.Option(None, help=_h("epochs")),
+    batch_size: Optional[int] = typer.Option(None, help=_h("batch_size")),
+    optimizer: Optional[str] = typer.Option(None, help=_h("optimizer")),
+    lr: Optional[float] = typer.Option(None, help=_h("lr")),
+    momentum: Optional[float] = typer.Option(None, help=_h("momentum")),
+    weight_decay: Optional[float] = typer.Option(None, help=_h("weight_decay")),
+    schedule: Optional[str] = typer.Option(None, help=_h("schedule")),
+    label_smoothing: Optional[float] = typer.Option(None, help=_h("label_smoothing")),
+    augment: Optional[str] = typer.Option(None, help=_h("augment")),
+    patience: Optional[int] = typer.Option(None, help=_h("patience")),
+    monitor: Optional[str] = typer.Option(None, help=_h("monitor")),
+    restore_best: Optional[bool] = typer.Option(None, "--restore-best/--no-restore-best", help=_h("restore_best")),
+    progressive: Optional[str] = typer.Option(None, help=_h("progressive")),
+    val_split: Optional[float] = typer.Option(None, help=_h("val_split")),
+    val_every: Optional[int] = typer.Option(None, help=_h("val_every")),
+    tta: Optional[str] = typer.Option(None, help=_h("tta")),
+    test_split: Optional[float] = typer.Option(None, help=_h("test_split")),
+    fraction: Optional[float] = typer.Option(None, help=_h("fraction")),
+    image_size: Optional[int] = typer.Option(None, help=_h("image_size")),
+    skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images", help=_h("skip_bad_images")),
+    seed: Optional[int] = typer.Option(None, help=_h("seed")),
+    device: Optional[str] = typer.Option(None, help=_h("device")),
+    precision: Optional[str] = typer.Option(None, help=_h("precision")),
+    sync_bn: Optional[bool] = typer.Option(None, "--sync-bn", help=_h("sync_bn")),
+    project: Optional[str] = typer.Option(None, help=_h("project")),
+    name: Optional[str] = typer.Option(None, help=_h("name")),
     config: Optional[Path] = typer.Option(None, help="TOML/JSON config file; flags override it."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its `last` checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and how long the run will take on "
+                                 "this machine (from a few timed steps), then stop without writing anything."),
 ):
     """Train a model; prints one line per epoch and, last, the run folder's path."""
     from .config import parse_duration
@@ -97,11 +90,11 @@ def train(
     from .utils import process_age
 
     overrides = {k: v for k, v in locals().items()
-                 if k not in ("config", "resume", "progress", "train_fn", "parse_duration", "process_age")}
+                 if k not in ("config", "resume", "progress", "dry_run", "train_fn", "parse_duration", "process_age")}
     overrides["time_budget"] = parse_duration(time_budget) if time_budget is not None else None
     # a time budget covers the whole command, start-up and imports included
     result = train_fn(config, resume=resume, progress=progress, started=time.monotonic() - process_age(),
-                      **overrides)
+                      dry_run=dry_run, **overrides)
     if result.status == "interrupted":
         raise typer.Exit(130)
 

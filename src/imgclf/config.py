@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -35,14 +38,16 @@ DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05,  # Keras' Adam default; 
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data
-    data: str = "cifar10"               # built-in name, official archive/folder, or image folder/archive
+    data: str = "cifar10"               # built-in name (cifar10), official archive/folder, or an image folder /
+                                        # .tar(.gz) / .zip of one (train/<class>/*, test/<class>/*)
     image_size: int | None = None       # square input side; None = the dataset's native size
     val_split: float = 0.0              # fraction of train held out for validation (stratified, seeded)
     test_split: float = 0.0             # fraction held out for test when the data has no test/ folder
     skip_bad_images: bool = False       # skip (and list) unreadable images instead of stopping
     fraction: float = 1.0               # train on this fraction of the training images (stratified, seeded)
     # Settings left None are filled by the recipe (see recipes.py); a value given here always wins.
-    recipe: str = "auto"                # auto (photo for large images, else fast), fast, seed, photo
+    recipe: str = "auto"                # auto (photo for large images, else fast), fast, seed or photo: the
+                                        # defaults for every setting not given
     augment: str | None = None          # augmentation preset: none, flip, standard, strong, seed004, fast, shift, photo
     progressive: str | None = None      # progressive resizing "0.75:0.375,0.875:0.25": the first 37.5% of epochs
                                         # at 0.75x the input size, the next 25% at 0.875x, the rest full; "none"
@@ -53,16 +58,17 @@ class TrainConfig:
     freeze_epochs: int | None = None    # train only the head for this many epochs first (fastai's fine_tune)
     backbone_lr_mult: float = 0.1       # backbone lr = lr x this when fine-tuning a pretrained/initialised model
     # --- optimisation
-    epochs: int | None = None
-    batch_size: int | None = None
+    epochs: int | None = None           # number of epochs
+    batch_size: int | None = None       # training batch size
     optimizer: str | None = None        # adam (the seeds'), adamw, sgd (Nesterov momentum), muon (+ Nesterov SGD)
-    lr: float | None = None             # None = the recipe's, or the optimizer's default (adam 1e-3, sgd 0.05)
+    lr: float | None = None             # learning rate; None = the recipe's, or the optimizer's default (adam
+                                        # 1e-3, sgd 0.05, muon 0.18)
     momentum: float = 0.9               # SGD momentum
-    weight_decay: float | None = None
+    weight_decay: float | None = None   # weight decay (per example with muon)
     schedule: str | None = None         # constant, onecycle, cosine, linear (decay to 0), plateau (seed 004's)
     plateau_patience: int = 2           # epochs without improvement before plateau lowers the lr
     plateau_factor: float = 0.2         # lr multiplier on a plateau (Keras ReduceLROnPlateau-style)
-    label_smoothing: float | None = None
+    label_smoothing: float | None = None  # label smoothing (0 = off)
     class_weights: str = "none"         # "auto": weight the loss by inverse class frequency (imbalanced data)
     balanced_sampling: bool = False     # draw batches so every class is seen equally often (with replacement)
     # --- validation / early stopping
@@ -71,14 +77,15 @@ class TrainConfig:
     restore_best: bool = True           # end the run with the best epoch's weights (seed 004)
     val_every: int | None = None        # validate every N epochs and after the last (0: only then); None: recipe's
     tta: str | None = None              # final test-time augmentation: flip, flip+translate, translate, none
-    time_budget: float | None = None    # seconds for the whole run (CLI: 300, 5m, 1h): plans epochs and width
+    time_budget: float | None = None    # finish, evaluated, within this time (300, 90s, 5m, 1h): epochs and
+                                        # model width are planned from measured speed
     # --- run
-    seed: int = 0
+    seed: int = 0                       # random seed: same seed, same run
     device: str = "auto"                # auto, cpu, cuda, cuda:N
     precision: str = "auto"             # auto (bf16 where the device computes it natively and it pays), fp32, bf16
     channels_last: bool = True          # memory format for conv nets
     sync_bn: bool = False               # several GPUs (torchrun): BatchNorm statistics over the whole batch
-    eval_batch_size: int = 256          # FastNet on 2 CPU cores, bf16: 256 scored ~1,500 img/s, 512 ~1,280
+    eval_batch_size: int = 256          # batch size of validation and testing (256 scores fastest on 2 CPU cores)
     project: str = "runs"               # parent folder of run folders
     name: str | None = None             # run folder name; None = "<dataset>-<model>", auto-numbered
 
@@ -145,6 +152,25 @@ class TrainConfig:
             if value is not None:
                 lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def field_help() -> dict[str, str]:
+    """Each :class:`TrainConfig` field's comment above, the one description of a setting: ``imgclf train --help``
+    shows it. A comment continued on the next lines (at the same column) counts too."""
+    out: dict[str, str] = {}
+    name, column = None, -1
+    for line in inspect.getsource(TrainConfig).splitlines():
+        field = re.match(r"    (\w+): [^#]+#\s?(.*)$", line)
+        more = re.match(r"(\s*)#\s?(.*)$", line)
+        if field:
+            name, column = field.group(1), line.index("#")
+            out[name] = field.group(2).strip()
+        elif more and name and len(more.group(1)) == column:
+            out[name] += " " + more.group(2).strip()
+        else:
+            name = None
+    return {k: v + ("" if v.endswith(".") else ".") for k, v in out.items()}
 
 
 def progressive_sizes(spec: str | None, image_size: int, epochs: int) -> list[int]:

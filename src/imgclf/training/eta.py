@@ -15,10 +15,11 @@ from datetime import datetime, timedelta
 
 import torch
 
+from ..inference import predict_logits
 from .callbacks import Callback
 
 TIMED_STEPS = 3      # steps timed for the first estimate, after one warm-up step (kernel choice, allocations)
-EVAL_SHARE = 1 / 3   # an image's forward pass costs about a third of its training step (forward + backward)
+EVAL_SHARE = 1 / 3   # before an evaluation batch is timed: a forward pass costs ~1/3 of a training step
 END_SECONDS = 4      # checkpoint stamping, run.json and the report after the final test
 
 
@@ -42,6 +43,8 @@ class Eta(Callback):
         timed = step - self.mark[1]
         if timed >= TIMED_STEPS or step + 1 == trainer.batches.steps_per_epoch:
             step_seconds = (time.perf_counter() - self.mark[0]) / timed
+            if self.val_seconds_per_image is None:
+                self.val_seconds_per_image = _eval_seconds_per_image(trainer)
             size = trainer.batches.input_size(epoch, trainer.state.epochs)
             epoch_seconds = step_seconds * trainer.batches.steps_per_epoch
             left = (1 - (step + 1) / trainer.batches.steps_per_epoch) * epoch_seconds
@@ -86,6 +89,17 @@ class Eta(Callback):
         return seconds + END_SECONDS
 
 
+def _eval_seconds_per_image(trainer) -> float:
+    """Time one evaluation batch of training images, as validation and the final test run them."""
+    setup, cfg = trainer.setup, trainer.cfg
+    x = trainer.batches.x[:cfg.eval_batch_size]
+    for part in (x[:2], x):  # the first pass in eval mode pays for kernel selection: not timed
+        t0 = time.perf_counter()
+        predict_logits(setup.model, part, setup.normalizer, batch_size=cfg.eval_batch_size,
+                       autocast_dtype=setup.autocast_dtype, channels_last=cfg.channels_last)
+    return (time.perf_counter() - t0) / len(x)
+
+
 def epoch_is_head_only(trainer, epoch: int) -> bool:
     return epoch < (trainer.cfg.freeze_epochs or 0)
 
@@ -94,6 +108,8 @@ def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 90:
         return f"{seconds:.0f} s"
+    if seconds < 20 * 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"

@@ -39,8 +39,11 @@ __all__ = ["train", "Trainer", "TrainResult", "Callback"]
 
 
 def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks: list[Callback] = (),
-          progress: bool = True, started: float | None = None, **overrides: Any) -> TrainResult:
+          progress: bool = True, started: float | None = None, dry_run: bool = False,
+          **overrides: Any) -> TrainResult:
     """Train from a config file and/or keyword settings (the fields of :class:`TrainConfig`), or resume.
+    ``dry_run``: print the plan (data, model, settings) and the expected duration from a few timed steps, then
+    stop: no run folder is written, and the result's status is ``"dry-run"``.
 
     With ``resume=RUN_FOLDER`` the run's own ``config.toml`` is used; only ``epochs`` (to train longer),
     ``device``, ``eval_batch_size`` and ``patience`` may be changed. ``time_budget`` counts from ``started``
@@ -57,10 +60,11 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
                               f"(only {', '.join(sorted(RESUMABLE_OVERRIDES))} may change)")
         cfg = TrainConfig.from_sources(run_dir / "config.toml", overrides)
         with distributed.process_group(cfg.device):  # several processes when torchrun started them
-            return Trainer(cfg, callbacks=callbacks, progress=progress, resume_dir=run_dir, started=started).run()
+            return Trainer(cfg, callbacks=callbacks, progress=progress, resume_dir=run_dir, started=started,
+                           dry_run=dry_run).run()
     cfg = TrainConfig.from_sources(config, overrides)
     with distributed.process_group(cfg.device):  # several processes when torchrun started them
-        return Trainer(cfg, callbacks=callbacks, progress=progress, started=started).run()
+        return Trainer(cfg, callbacks=callbacks, progress=progress, started=started, dry_run=dry_run).run()
 
 
 class Trainer:
@@ -72,8 +76,9 @@ class Trainer:
     run_dir: Path
 
     def __init__(self, cfg: TrainConfig, callbacks: list[Callback] = (), progress: bool = True,
-                 resume_dir: Path | None = None, started: float | None = None):
+                 resume_dir: Path | None = None, started: float | None = None, dry_run: bool = False):
         self.user_cfg = cfg
+        self.dry_run = dry_run
         self.user_callbacks = list(callbacks)
         self.world = distributed.current()  # rank 0 of 1 unless torchrun started several processes
         self.progress = progress and self.world.is_main
@@ -106,6 +111,8 @@ class Trainer:
         self.state = TrainState.start(cfg, s.model, s.device, s.batches.steps_per_epoch, s.fine_tuning,
                                       self.world.size)
         self.notes = [*s.notes, *self.world.notes(s.model, cfg.batch_size, cfg.sync_bn, s.device)]
+        if self.dry_run:
+            return self._dry_run()
         # rank 0 picks (and creates) the run folder; the other processes are told its name
         self.run_dir = self.resume_dir or self.world.from_main(
             lambda: new_run_dir(Path(cfg.project), cfg.name or f"{s.ds.name}-{cfg.model}"))
@@ -122,6 +129,18 @@ class Trainer:
             Eta(), *([FrozenBatchNorm()] if s.fine_tuning else []),
             StopOnSigint(), *self.user_callbacks]
         return finish(self, fit(self))
+
+    def _dry_run(self) -> TrainResult:
+        """The plan, then training steps until the ETA has been measured; nothing is written."""
+        self.run_dir = None
+        self._log_plan()
+        eta = Eta()
+        self.callbacks = [eta, _StopOnceSaid(eta)]
+        fit(self)
+        self.log("dry run: nothing was written; run the same command without --dry-run to train")
+        s = self.state
+        return TrainResult(run_dir=None, status="dry-run", epochs_done=0, best_epoch=None, history=s.history,
+                           notes=self.notes)
 
     def _log_plan(self) -> None:
         s, cfg, ds = self.setup, self.setup.cfg, self.setup.ds
@@ -155,6 +174,18 @@ class Trainer:
     def write_run_json(self, status: str, **extra: Any) -> None:
         if self.world.is_main:
             write_run_json(self.run_dir / "run.json", self.setup, status, self.world.size, self.notes, **extra)
+
+
+class _StopOnceSaid(Callback):
+    def __init__(self, eta: Eta):
+        self.eta = eta
+
+    def on_step_end(self, trainer, epoch, step, loss):
+        if self.eta.said_first:
+            trainer.request_stop()
+
+    def on_epoch_end(self, trainer, row):
+        trainer.request_stop()  # an epoch ended first: the ETA said its piece after it
 
 
 def _progressive_note(cfg: TrainConfig, image_size: int) -> str:
