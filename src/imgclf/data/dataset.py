@@ -35,6 +35,11 @@ class Split:
     y: np.ndarray  # (N,) int64 class indices into Dataset.classes
 
 
+def split_size(split: Split | None) -> int:
+    """Images in a split that may be absent (no val/ or test/ data): 0 then."""
+    return 0 if split is None else len(split.y)
+
+
 @dataclass
 class Dataset:
     name: str                      # e.g. "cifar10", or the folder/archive's stem

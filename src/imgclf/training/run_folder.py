@@ -14,6 +14,7 @@ import torch
 
 from .._version import __version__
 from ..data import BUILTINS
+from ..data.dataset import split_size
 from ..errors import ImgclfError
 from ..utils import atomic_write_text
 
@@ -77,13 +78,11 @@ def write_run_json(path: Path, setup, status: str, processes: int, notes: list[s
         "processes": processes,
         "lr": setup.cfg.resolved_lr(), "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
         "data": {"source": ds.source, "name": ds.name, "classes": ds.classes, "channels": ds.channels,
-                 "image_size": ds.image_size, "train": len(ds.train.y), "val": _n(ds.val), "test": _n(ds.test),
+                 "image_size": ds.image_size, "train": len(ds.train.y), "val": split_size(ds.val),
+                 "test": split_size(ds.test),
                  "val_origin": ds.val_origin, "skipped": ds.skipped},
         "notes": notes,
         **extra,
     }
     atomic_write_text(path, json.dumps(info, indent=2, default=str) + "\n")
 
-
-def _n(split) -> int:
-    return 0 if split is None else len(split.y)

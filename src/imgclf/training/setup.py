@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..config import TrainConfig, progressive_sizes
 from ..data import Dataset, Preprocess, Split, load_dataset
+from ..data.dataset import split_size
 from ..data.split import stratified_split
 from ..data.tensors import Normalizer, channel_stats, to_tensor
 from ..errors import ImgclfError
@@ -176,7 +177,7 @@ def _plan_time_budget(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val,
     model (when the recipe chose it: FastNet's widths), the epochs and whether TTA fits."""
     names = list(FASTNET_VARIANTS) if user_cfg.model is None and cfg.model in FASTNET_VARIANTS else [cfg.model]
     speeds = measure_speeds(cfg, names, ds, device)
-    n_eval = (0 if val is None or (cfg.val_every == 0) else len(val.y)) + _n(ds.test)
+    n_eval = (0 if val is None or (cfg.val_every == 0) else len(val.y)) + split_size(ds.test)
     tta = None if cfg.tta == "none" else cfg.tta
     views = len(tta_views(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), tta)) if tta else 0
     plan = plan_budget(cfg.time_budget - (time.monotonic() - started), len(ds.train.y), n_eval, speeds,
@@ -232,6 +233,3 @@ def _choose_validation(ds: Dataset, notes: list[str]):
     notes.append("no validation or test data: the best epoch is the one with the lowest train loss")
     return None, "none (best epoch by train loss)"
 
-
-def _n(split) -> int:
-    return 0 if split is None else len(split.y)

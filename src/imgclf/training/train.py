@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import TrainConfig, progressive_sizes
+from ..data.dataset import split_size
 from ..errors import ImgclfError
 from ..utils import atomic_write_text
 from . import distributed
@@ -146,7 +147,8 @@ class Trainer:
         s, cfg, ds = self.setup, self.setup.cfg, self.setup.ds
         params = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
         prec = "bf16 autocast" if s.autocast_dtype else "fp32"
-        self.log(f"data   {ds.source}: {len(ds.train.y):,} train, {_n(ds.val):,} val, {_n(ds.test):,} test; "
+        self.log(f"data   {ds.source}: {len(ds.train.y):,} train, {split_size(ds.val):,} val, "
+                 f"{split_size(ds.test):,} test; "
                  f"{len(ds.classes)} classes; {ds.image_size}x{ds.image_size} "
                  f"{'RGB' if ds.channels == 3 else 'greyscale'}")
         freeze = f", first {cfg.freeze_epochs} head-only" if cfg.freeze_epochs else ""
@@ -193,6 +195,3 @@ def _progressive_note(cfg: TrainConfig, image_size: int) -> str:
     steps = [f"{size}px x{sum(1 for s in sizes if s == size)}" for size in dict.fromkeys(sizes)]
     return f", progressive {' -> '.join(steps)}" if len(steps) > 1 else ""
 
-
-def _n(split) -> int:
-    return 0 if split is None else len(split.y)
