@@ -1,3 +1,4 @@
+"""Checkpoints: safetensors round trips, atomic writes, pickles refused and never unpickled."""
 import json
 import pickle
 

@@ -1,3 +1,4 @@
+"""TrainConfig: recipes chosen from the data, config files, flags over files, clear errors, help written once."""
 import json
 
 import pytest
@@ -5,6 +6,8 @@ import pytest
 from imgclf.config import TrainConfig, read_config_file
 from imgclf.data.probe import ImageProbe
 from imgclf.errors import ImgclfError
+
+from support import run_cli
 
 
 def test_defaults_are_the_fast_recipe_for_small_images():
@@ -140,7 +143,6 @@ def test_every_setting_is_described_once_and_the_cli_shows_it(capsys):
     text, so a flag's help is written in one place."""
     from dataclasses import fields
 
-    from conftest import run_cli
     from imgclf.config import TrainConfig, field_help
 
     helps = field_help()

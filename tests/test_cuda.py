@@ -12,8 +12,8 @@ import imgclf
 from imgclf.checkpoint import load_checkpoint
 from imgclf.models import create_model, list_models
 from imgclf.models._kernels import conv3x3
-from imgclf.training.callbacks import Callback
-from test_distributed import _flags, _launch, _weights
+
+from support import StopAt, cli_flags, torchrun, train_run, weights
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -29,31 +29,16 @@ def deterministic(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
-class StopAt(Callback):
-    def __init__(self, epoch, step):
-        self.at = (epoch, step)
-
-    def on_step_end(self, trainer, epoch, step, loss):
-        if (epoch, step) == self.at:
-            trainer.request_stop()
-
-
-def _train(data, tmp_path, **kw):
-    kw.setdefault("model", "seed-cnn")
-    kw.setdefault("batch_size", 16)
-    return imgclf.train(data=str(data), project=str(tmp_path / "runs"), progress=False, **kw)
-
-
 def _test_images(data, n=6):
     return sorted(str(p) for p in (data / "test").rglob("*.png"))[:n]
 
 
 def test_fast_recipe_trains_on_the_gpu_in_bf16(tiny_folder, tmp_path, capsys):
-    r = _train(tiny_folder, tmp_path, model="fastnet-s", batch_size=32, epochs=3, device="cuda")
+    r = train_run(tiny_folder, tmp_path, model="fastnet-s", batch_size=32, epochs=3, device="cuda")
     out = capsys.readouterr().out
     assert "cuda:0 bf16 autocast" in out or "cuda bf16 autocast" in out  # native bf16 on every GPU since Ampere
     assert r.status == "finished" and r.test_metrics["top1"] > 0.9
-    assert all(v.device.type == "cpu" for v in _weights(r.run_dir).values())  # checkpoints load anywhere
+    assert all(v.device.type == "cpu" for v in weights(r.run_dir).values())  # checkpoints load anywhere
     # the checkpoint scores the same on the CPU as on the GPU
     on_cpu = imgclf.evaluate(r.run_dir, device="cpu", progress=False)
     on_gpu = imgclf.evaluate(r.run_dir, device="cuda", progress=False)
@@ -82,12 +67,12 @@ def test_every_model_computes_the_cpu_function_on_the_gpu(name, deterministic):
 def test_resume_on_the_gpu_equals_uninterrupted(tiny_folder, tmp_path, deterministic):
     kw = dict(model="seed-cnn-bn", augment="standard", precision="fp32", val_split=0.25, seed=3, epochs=3,
               device="cuda")
-    full = _train(tiny_folder, tmp_path, name="full", **kw)
-    mid = _train(tiny_folder, tmp_path, name="mid", callbacks=[StopAt(1, 1)], **kw)
+    full = train_run(tiny_folder, tmp_path, name="full", **kw)
+    mid = train_run(tiny_folder, tmp_path, name="mid", callbacks=[StopAt(1, 1)], **kw)
     assert mid.status == "interrupted"
     resumed = imgclf.train(resume=mid.run_dir, progress=False)
     assert resumed.status == "finished"
-    a, b = _weights(full.run_dir), _weights(mid.run_dir)
+    a, b = weights(full.run_dir), weights(mid.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.history[-1]["val_loss"] == full.history[-1]["val_loss"]
 
@@ -97,7 +82,7 @@ def test_a_run_moves_between_cpu_and_gpu(tiny_folder, tmp_path, capsys, first, t
     """--resume --device: the weights, optimizer and schedule carry over; the augmentation generator cannot
     (a CPU and a GPU generator hold different states), so it restarts from the seed, and the log says so."""
     kw = dict(model="fastnet-s", batch_size=32, epochs=3, seed=4)
-    part = _train(tiny_folder, tmp_path, name="part", callbacks=[StopAt(1, 0)], device=first, **kw)
+    part = train_run(tiny_folder, tmp_path, name="part", callbacks=[StopAt(1, 0)], device=first, **kw)
     assert part.status == "interrupted"
     capsys.readouterr()
     r = imgclf.train(resume=part.run_dir, device=then, progress=False)
@@ -139,7 +124,7 @@ def test_serve_on_the_gpu(tiny_run):
 
 
 def test_time_budget_on_the_gpu(tiny_folder, tmp_path, capsys):
-    r = _train(tiny_folder, tmp_path, model=None, batch_size=None, time_budget="40s", device="cuda")
+    r = train_run(tiny_folder, tmp_path, model=None, batch_size=None, time_budget="40s", device="cuda")
     out = capsys.readouterr().out
     assert r.status == "finished" and "time budget" in out and r.test_metrics["top1"] > 0.9
 
@@ -171,8 +156,8 @@ def test_two_processes_share_one_gpu(tiny_folder, tmp_path, sync_bn):
     runs = {}
     for nproc in (1, 2):
         args = ["-m", "imgclf", "train", "--data", str(tiny_folder), "--project", str(tmp_path / str(nproc)),
-                "--no-progress", *_flags(settings)] + (["--sync-bn"] if sync_bn and nproc == 2 else [])
-        proc, _ = _launch(args, tmp_path, timeout=300, env=env, nproc=nproc)
+                "--no-progress", *cli_flags(settings)] + (["--sync-bn"] if sync_bn and nproc == 2 else [])
+        proc, _ = torchrun(args, tmp_path, timeout=300, env=env, nproc=nproc)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[nproc] = next((tmp_path / str(nproc)).iterdir())
     assert "2 processes (gloo)" in proc.stdout
@@ -182,7 +167,7 @@ def test_two_processes_share_one_gpu(tiny_folder, tmp_path, sync_bn):
         # means came out up to 7e-4 apart with eps 1e-12; with FastNet's eps 1e-3 the filters drifted past
         # 1e-4 too (not measured further): a loose bound, far below the ~100 % of two independent models
         assert "BatchNorm statistics over the whole batch" in proc.stdout
-        a, b = _weights(runs[1]), _weights(runs[2])
+        a, b = weights(runs[1]), weights(runs[2])
         far = {k: round(((a[k] - b[k]).float().norm() / a[k].float().norm()).item(), 4) for k in a
                if a[k].is_floating_point() and a[k].norm() > 0}
         assert max(far.values()) < 0.05, far
@@ -192,8 +177,8 @@ def test_two_processes_share_one_gpu(tiny_folder, tmp_path, sync_bn):
 def test_nccl_over_two_gpus(tiny_folder, tmp_path):
     settings = dict(model="seed-cnn-bn", recipe="seed", augment="none", batch_size=16, seed=5, epochs=2,
                     device="cuda")
-    proc, _ = _launch(["-m", "imgclf", "train", "--data", str(tiny_folder), "--project", str(tmp_path / "two"),
-                       "--no-progress", "--sync-bn", *_flags(settings)], tmp_path, timeout=300,
+    proc, _ = torchrun(["-m", "imgclf", "train", "--data", str(tiny_folder), "--project", str(tmp_path / "two"),
+                       "--no-progress", "--sync-bn", *cli_flags(settings)], tmp_path, timeout=300,
                       env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 processes (nccl)" in proc.stdout

@@ -1,13 +1,12 @@
-"""Augmentation ops: reproducible from the generator alone, shape/dtype preserving, exact edge cases.
+"""Batched augmentation on the device: seeded, shape-preserving, each operation doing what it says."""
 
-    pytest tests/test_augment.py
-"""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from imgclf.errors import ImgclfError
 from imgclf.training.augment import (
+    alternating_flip,
     build_augment,
     cutout,
     list_presets,
@@ -143,3 +142,11 @@ def test_random_resized_crop_full_box_is_identity_and_crops_zoom():
     a = random_resized_crop(x, torch.Generator().manual_seed(3))
     b = random_resized_crop(x, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.shape == x.shape
+
+
+def test_alternating_flip_mirrors_every_other_epoch():
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    bits = torch.tensor([True, False])
+    e0, e1 = alternating_flip(x, bits, 0), alternating_flip(x, bits, 1)
+    assert torch.equal(e0[0], x[0].flip(-1)) and torch.equal(e0[1], x[1])
+    assert torch.equal(e1[0], x[0]) and torch.equal(e1[1], x[1].flip(-1))

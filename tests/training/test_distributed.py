@@ -1,14 +1,8 @@
 """Several processes (torchrun, gloo on CPU) train what one process trains; a failed process ends the job.
 
 Each test launches ``python -m torch.distributed.run --nproc-per-node 2`` in a subprocess, one thread per
-child, on a tiny synthetic folder: about 15 s a launch, most of it imports.
-"""
-import os
-import socket
-import subprocess
-import sys
+child, on a tiny synthetic folder: about 15 s a launch, most of it imports."""
 import textwrap
-import time
 
 import pytest
 import torch
@@ -18,34 +12,14 @@ from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import ImgclfError
 from imgclf.training import distributed
 
-# fp32, no augmentation, seed-cnn (dropout, no BatchNorm): two processes sum the same gradients in another
-# order, and Adam turns that into weight differences of a few 1e-6 after a dozen steps.
+from support import cli_flags, torchrun, weights
+from synthetic import colour_folder
+
 ATOL = 1e-5
+
+
 SETTINGS = dict(recipe="seed", model="seed-cnn", augment="none", precision="fp32", batch_size=16, seed=5,
                 device="cpu")  # gloo on CPUs, also where a GPU is visible (tests/test_cuda.py has those)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(args, tmp_path, timeout=120, nproc=2, env=None) -> tuple[subprocess.CompletedProcess, float]:
-    """torchrun (the module form) with ``args`` after it; -> (finished process, seconds)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, time.monotonic() - t0
-
-
-def _flags(settings: dict) -> list[str]:
-    out = []
-    for k, v in settings.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
 
 
 def _script(tmp_path, body: str) -> str:
@@ -57,15 +31,10 @@ def _script(tmp_path, body: str) -> str:
 @pytest.fixture
 def data(tmp_path):
     """66 training images over 3 classes, one class short (so --class-weights auto weighs), 24 px."""
-    from conftest import make_image_folder
-    root = make_image_folder(tmp_path / "data", n_train=26, n_test=6, size=24)
+    root = colour_folder(tmp_path / "data", n_train=26, n_test=6, size=24)
     for i in range(12):
         (root / "train" / "red" / f"{i}.png").unlink()
     return root
-
-
-def _weights(run_dir, name="last"):
-    return load_checkpoint(run_dir / f"{name}.safetensors").state_dict
 
 
 def _assert_close(a: dict, b: dict) -> None:
@@ -79,15 +48,15 @@ def test_two_processes_train_the_one_process_model(data, tmp_path):
     # 2; class weights change the loss's denominator: every piece of the split must be exact
     settings = dict(SETTINGS, epochs=3, freeze_epochs=1, class_weights="auto")
     one = imgclf.train(data=str(data), project=str(tmp_path / "one"), name="run", progress=False, **settings)
-    proc, _ = _launch(["-m", "imgclf", "train", "--data", str(data), "--project", str(tmp_path / "two"),
-                       "--no-progress", *_flags(settings)], tmp_path)
+    proc, _ = torchrun(["-m", "imgclf", "train", "--data", str(data), "--project", str(tmp_path / "two"),
+                       "--no-progress", *cli_flags(settings)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = list((tmp_path / "two").iterdir())
     assert len(runs) == 1  # one run folder: rank 0 made it and told rank 1
     two = runs[0]
     assert proc.stdout.strip().splitlines()[-1] == str(two)  # only rank 0 prints ...
     assert proc.stdout.count("epoch   1/3") == 1 and "2 processes (gloo)" in proc.stdout
-    _assert_close(_weights(one.run_dir), _weights(two))
+    _assert_close(weights(one.run_dir), weights(two))
     # ... and the figures are the whole job's: train loss/accuracy summed over both processes
     hist = load_checkpoint(two / "last.safetensors").train_state["history"]
     for a, b in zip(one.history, hist):
@@ -113,13 +82,13 @@ def test_stop_mid_epoch_on_two_processes_resume_on_one(data, tmp_path):
                          callbacks=[StopAt()], **{settings!r})
         assert r.status == "interrupted", r
     """)
-    proc, _ = _launch([script], tmp_path)
+    proc, _ = torchrun([script], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     part = tmp_path / "runs" / "part"
     assert load_checkpoint(part / "last.safetensors").train_state["step"] == 2
     resumed = imgclf.train(resume=part, progress=False)
     assert resumed.status == "finished" and resumed.epochs_done == 2
-    _assert_close(_weights(full.run_dir), _weights(part))
+    _assert_close(weights(full.run_dir), weights(part))
     assert resumed.history[-1]["train_loss"] == pytest.approx(full.history[-1]["train_loss"])
 
 
@@ -142,7 +111,7 @@ def test_a_failed_process_ends_the_job(data, tmp_path, how):
         imgclf.train(data={str(data)!r}, project={str(tmp_path / "runs")!r}, name="job", progress=False,
                      callbacks=[Fail()], **{dict(SETTINGS, epochs=3)!r})
     """)
-    proc, seconds = _launch([script], tmp_path, env={distributed.TIMEOUT_ENV: "10"})
+    proc, seconds = torchrun([script], tmp_path, env={distributed.TIMEOUT_ENV: "10"})
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert seconds < 120

@@ -13,6 +13,8 @@ from imgclf.errors import ImgclfError
 from imgclf.models import create_model
 from imgclf.models import efficientnet as E
 
+from support import CIFAR_JPEG
+
 
 def test_imagenet_class_names():
     names = E.imagenet_classes()
@@ -78,7 +80,6 @@ def test_pretrained_model_names_upscaled_cifar_images_sensibly():
     """No ImageNet data here: upscaled CIFAR-10 test ships and trucks must land on boat-like and truck-like
     ImageNet classes. Measured on this port: 18/25 ships and 21/25 trucks in the top 5 (a random network
     or a wrongly ported one scores near 0); thresholds leave margin."""
-    from conftest import CIFAR_JPEG
     if not CIFAR_JPEG.is_file():
         pytest.skip(f"{CIFAR_JPEG} not present")
     boat = {"yawl", "speedboat", "fireboat", "container ship", "liner", "schooner", "catamaran", "trimaran",

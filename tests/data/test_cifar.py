@@ -10,12 +10,15 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import serve_folder
 from imgclf.data import BUILTINS, RemoteFile, load_dataset
 from imgclf.data.cifar import restricted_loads
 from imgclf.errors import ImgclfError
 
+from support import serve_folder
+
 LABEL_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+
+
 PER_BATCH = 4
 
 

@@ -3,8 +3,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import make_image_folder
 from imgclf.training import eta
+
+from synthetic import colour_folder
 
 
 def _trainer(sizes, n_val=0, n_test=0, tta="none", val_is_test=False):
@@ -36,7 +37,7 @@ def test_validations_and_the_final_test_are_counted():
 def test_a_run_says_how_long_it_will_take(tmp_path, capsys):
     import imgclf
 
-    data = make_image_folder(tmp_path / "data", n_train=24, n_test=8)
+    data = colour_folder(tmp_path / "data", n_train=24, n_test=8)
     imgclf.train(data=str(data), model="seed-cnn", epochs=2, batch_size=6, project=str(tmp_path / "runs"),
                  progress=False)
     out = capsys.readouterr().out

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from conftest import write_image
 from imgclf.data import cache, folder, load_dataset
+
+from synthetic import write_image
 
 SPEC = {"train/a": 3, "train/b": 3, "test/a": 1, "test/b": 1}
 

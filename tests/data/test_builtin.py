@@ -11,11 +11,12 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import serve_folder
 from imgclf.cli import main
 from imgclf.data import BUILTINS, RemoteFile, list_datasets, load_dataset
 from imgclf.data.idx import read_idx
 from imgclf.errors import ImgclfError
+
+from support import serve_folder
 
 
 @pytest.fixture

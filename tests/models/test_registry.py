@@ -1,7 +1,4 @@
-"""Registry sweep over every model (timm tests/test_models.py style), plus the fixed parameter counts.
-
-    pytest tests/test_models.py
-"""
+"""Every registered model: the same face (forward/backward, new heads, arch args, info) and clear errors."""
 import json
 
 import pytest
@@ -11,16 +8,6 @@ from imgclf.errors import ImgclfError
 from imgclf.models import ImageClassifier, create_model, list_models, model_info
 
 MODELS = list_models()
-
-
-def _keras_count(model: torch.nn.Module) -> int:
-    """What Keras' summary() reports: trainable weights plus BatchNorm moving mean/variance."""
-    running = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad) + running
-
-
-def _trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_registry_has_the_builtin_models():
@@ -84,29 +71,6 @@ def test_channels_last_bf16_autocast(name):
     assert torch.isfinite(out.float()).all()
 
 
-def test_seed_cnn_matches_the_keras_seed():
-    model = create_model("seed-cnn", num_classes=10)
-    assert _trainable(model) == 160_202  # the seeds' Keras summary
-    assert model.pre_logits[0].in_features == 2 * 2 * 128
-    mnist = create_model("seed-cnn", num_classes=10, in_channels=1, image_size=28)
-    assert mnist.pre_logits[0].in_features == 1 * 1 * 128
-    # Keras init: zero biases everywhere (glorot weights are random, so only their bound is checkable).
-    assert all(m.bias.abs().sum() == 0 for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-    conv = model.features[0]
-    assert conv.weight.abs().max() <= (6 / (3 * 9 + 32 * 9)) ** 0.5
-
-
-def test_seed_cnn_bn_counts():
-    model = create_model("seed-cnn-bn", num_classes=10)
-    assert _trainable(model) == 160_650
-    assert _keras_count(model) == 161_098  # Keras counts BN's moving mean/variance as parameters
-
-
-def test_resnet18_count():
-    # The standard CIFAR ResNet-18 (kuangliu/pytorch-cifar) has 11,173,962 parameters at 10 classes.
-    assert _trainable(create_model("resnet18", num_classes=10)) == 11_173_962
-
-
 def test_model_info():
     info = model_info("seed-cnn-bn")
     assert info["name"] == "seed-cnn-bn"
@@ -136,11 +100,3 @@ def test_bad_arguments():
         create_model("seed-cnn", num_classes=10, image_size=16)
     with pytest.raises(ImgclfError, match="8x8"):
         create_model("resnet18", num_classes=10, image_size=4)
-
-
-def test_resnet_zero_init_residual_option():
-    zero = create_model("resnet18", num_classes=10)
-    assert all(b.bn2.weight.abs().sum() == 0 for b in zero.stages.modules() if hasattr(b, "bn2"))
-    plain = create_model("resnet18", num_classes=10, zero_init_residual=False)
-    assert plain.arch_args["zero_init_residual"] is False
-    assert all(b.bn2.weight.abs().sum() > 0 for b in plain.stages.modules() if hasattr(b, "bn2"))

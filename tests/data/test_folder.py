@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image
 from imgclf.data import decode, load_dataset
 from imgclf.errors import ImgclfError
+
+from synthetic import write_image
 
 
 def load(path, **kw):

@@ -1,14 +1,12 @@
 """The real MNIST copy in ../shared/datasets (slow: decodes 70,000 PNGs the first time)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from imgclf.data import load_dataset
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist-png.tar.gz"
+from support import MNIST_PNG as MNIST
 
 
 @pytest.mark.realdata

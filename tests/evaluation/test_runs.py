@@ -5,8 +5,9 @@ import shutil
 from PIL import Image
 
 import imgclf
-from conftest import run_cli as _cli
 from imgclf.evaluation.plots import PLOT_SIZES
+
+from support import run_cli as _cli
 
 
 def test_runs_and_compare(tiny_run, tmp_path, capsys):

@@ -16,19 +16,19 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import imgclf
-from conftest import CIFAR_JPEG
 from imgclf.deploy.export import export
 from imgclf.deploy.serve import ServeConfig, create_app
 from imgclf.evaluation.evaluate import compute_evaluation
+
+from support import CHROMIUM, CIFAR_JPEG
+from synthetic import COLOURS, pixels
 
 CONFIG = ServeConfig(max_files=4, max_upload_bytes=300_000, max_pixels=2_000_000)
 
 
 def _png(colour=(200, 40, 40), size=(40, 30), seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = np.clip(np.array(colour) + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "PNG")
+    Image.fromarray(pixels(colour, size, noise=20, rng=np.random.default_rng(seed))).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -122,14 +122,13 @@ def _held_out(root: Path) -> tuple[Path, list[Path]]:
     """50 held-out images of odd sizes, modes and formats (so every resize/convert path runs), plus a
     token train/ split so the folder is a dataset."""
     rng = np.random.default_rng(7)
-    colours = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
+    colours = {k: COLOURS[k] for k in ("blue", "green", "red")}
     files = []
     for i in range(50 + 6):
         cls = list(colours)[i % 3]
         split, n = ("train", i) if i >= 50 else ("test", i)
         w, h = int(rng.integers(20, 90)), int(rng.integers(20, 90))
-        base = np.array(colours[cls]) * rng.uniform(0.5, 1.1)
-        img = Image.fromarray(np.clip(base + rng.normal(0, 45, (h, w, 3)), 0, 255).astype(np.uint8))
+        img = Image.fromarray(pixels(np.array(colours[cls]) * rng.uniform(0.5, 1.1), (w, h), noise=45, rng=rng))
         kind = i % 4
         path = root / split / cls / f"{n}.{'jpg' if kind in (0, 3) else 'png'}"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,9 +170,6 @@ def test_one_preprocessing_everywhere(tiny_run, tmp_path):
         assert np.abs(p - p_eval).max() < 1e-3, name
 
 
-# --- the web page in a real browser ------------------------------------------------------------------
-
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 def _real_photo(tmp_path: Path) -> Path:

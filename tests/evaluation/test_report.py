@@ -1,18 +1,19 @@
-"""report.py: the plots and report.html written at the end of training, `imgclf report`, and a real browser."""
+"""The run report: plots and metrics written by training, re-rendered by ``imgclf report``, seen in a browser."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import imgclf
-from conftest import make_image_folder
-from conftest import run_cli as _cli
 from imgclf.evaluation.plots import PLOT_SIZES
 from imgclf.evaluation.report import RUN_PLOTS
 
-CHROMIUM = Path("/usr/bin/chromium")
+from support import CHROMIUM
+from support import run_cli as _cli
+from synthetic import colour_folder
 
 
 def assert_plot(path: Path):
@@ -36,10 +37,11 @@ def test_training_writes_plots_report_and_metrics(tiny_run):
 
 
 def test_report_rerenders_and_failure_only_warns(tiny_run, tmp_path, capsys, monkeypatch):
-    code, out, err = _cli(capsys, "report", str(tiny_run.run_dir), "--tta", "flip", "--no-progress")
+    run = shutil.copytree(tiny_run.run_dir, tmp_path / "tiny")  # the shared run stays as trained
+    code, out, err = _cli(capsys, "report", str(run), "--tta", "flip", "--no-progress")
     assert code == 0, err
     assert out.strip().endswith("report.html")
-    assert "Test-time augmentation" in (tiny_run.run_dir / "report.html").read_text()
+    assert "Test-time augmentation" in (run / "report.html").read_text()
     code, _, err = _cli(capsys, "report", str(tmp_path))
     assert code == 2 and "not a run folder" in err
 
@@ -49,7 +51,7 @@ def test_report_rerenders_and_failure_only_warns(tiny_run, tmp_path, capsys, mon
     from imgclf.evaluation import report as report_module
 
     monkeypatch.setattr(report_module, "write_report", broken)
-    data = make_image_folder(tmp_path / "data", n_train=8, n_test=4)
+    data = colour_folder(tmp_path / "data", n_train=8, n_test=4)
     result = imgclf.train(data=str(data), epochs=1, batch_size=8, project=str(tmp_path / "runs"), progress=False)
     out = capsys.readouterr().out
     assert "could not write the report (RuntimeError: disk on fire)" in out and "imgclf report" in out
@@ -59,7 +61,7 @@ def test_report_rerenders_and_failure_only_warns(tiny_run, tmp_path, capsys, mon
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
                     "(apt-get install -y chromium) for the browser test")
-def test_report_in_a_real_browser(tiny_run):
+def test_report_in_a_real_browser(tiny_run, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (pip install "
                                    "-e '.[test]')")
     page_path = tiny_run.run_dir / "report.html"
@@ -74,7 +76,7 @@ def test_report_in_a_real_browser(tiny_run):
             images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth, e.alt])")
             headings = page.eval_on_selector_all("h1, h2", "els => els.map(e => e.textContent)")
             text = page.inner_text("body")
-            page.screenshot(path=str(tiny_run.run_dir / "report-screenshot.png"), full_page=True)
+            page.screenshot(path=str(tmp_path / "report-screenshot.png"), full_page=True)
         finally:
             browser.close()
     assert len(images) == len(RUN_PLOTS)
@@ -85,24 +87,4 @@ def test_report_in_a_real_browser(tiny_run):
         assert heading in headings, (heading, headings)
     assert "green" in text and "test accuracy" in text
     assert outside == []
-    assert (tiny_run.run_dir / "report-screenshot.png").stat().st_size > 10_000
-
-
-def test_plots_keep_their_size_in_edge_cases(tmp_path):
-    """LR drops marked, no validation data, many classes: same pixel size, no error."""
-    import io
-    import math
-
-    from imgclf.evaluation.plots import plot_confusion, plot_curves, plot_per_class
-
-    history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5, "val_loss": math.nan, "val_acc": math.nan,
-                "lr": 0.1 if e < 3 else 0.02, "seconds": 1.0} for e in range(1, 6)]
-    k = 30
-    cm = [[5 if i == j else 1 for j in range(k)] for i in range(k)]
-    share = [[v / sum(row) for v in row] for row in cm]
-    names = [f"class-with-a-long-name-{i}" for i in range(k)]
-    for name, png in (("curves.png", plot_curves(history, best_epoch=2, schedule="plateau")),
-                      ("confusion_matrix.png", plot_confusion(cm, share, names)),
-                      ("per_class_accuracy.png", plot_per_class({n: 5 / 34 for n in names}, 5 / 34, 1020))):
-        with Image.open(io.BytesIO(png)) as img:
-            assert img.size == PLOT_SIZES[name], name
+    assert (tmp_path / "report-screenshot.png").stat().st_size > 10_000

@@ -1,55 +1,13 @@
+"""The ``imgclf`` command: predict, evaluate and train from the shell, one clear line for bad input, Ctrl-C."""
 import json
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import imgclf
-from conftest import run_cli as _cli
-from imgclf.errors import ImgclfError
 
-
-@pytest.fixture
-def photos(tmp_path):
-    """Odd photos: big, greyscale, RGBA, CMYK, EXIF-rotated, a truncated JPEG and a text file named .jpg."""
-    d = tmp_path / "photos"
-    d.mkdir()
-    red = np.zeros((375, 500, 3), np.uint8)
-    red[..., 0] = 210
-    Image.fromarray(red).save(d / "big_red.jpg", quality=90)
-    Image.fromarray(red).convert("L").save(d / "grey.png")
-    rgba = Image.fromarray(red).convert("RGBA")
-    rgba.putalpha(200)
-    rgba.save(d / "alpha.png")
-    Image.fromarray(red).convert("CMYK").save(d / "cmyk.jpg")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(red).save(d / "rotated.jpg", exif=exif)
-    data = (d / "big_red.jpg").read_bytes()
-    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 3])
-    (tmp_path / "notes.jpg").write_text("this is not an image")
-    return d
-
-
-def test_api_predict_any_photo(tiny_run, photos):
-    clf = imgclf.load(tiny_run.run_dir)
-    preds = clf.predict(sorted(photos.iterdir()), top_k=2)
-    colour = [p for p in preds if not p.source.endswith("grey.png")]  # a grey photo has no colour to see
-    assert len(colour) == 4 and all(p.label == "red" for p in colour), [(p.source, p.top) for p in preds]
-    assert all(len(p.top) == 2 and p.top[0][1] >= p.top[1][1] for p in preds)
-    assert clf.predict(photos / "grey.png", top_k=99)[0].top.__len__() == 3  # more than classes -> all
-    probs = clf.predict_proba([photos / "big_red.jpg"])
-    assert probs.shape == (1, 3) and abs(probs.sum() - 1) < 1e-5
-
-
-def test_api_errors(tiny_run, tmp_path):
-    clf = imgclf.load(tiny_run.run_dir)
-    (tmp_path / "bad.jpg").write_text("nope")
-    with pytest.raises(ImgclfError, match="bad.jpg"):
-        clf.predict(tmp_path / "bad.jpg")
-    out = clf.predict([tmp_path / "bad.jpg"], errors="report")
-    assert out[0].error and not out[0].top
+from support import run_cli as _cli
+from synthetic import colour_folder
 
 
 def test_cli_predict_formats_and_per_file_errors(tiny_run, photos, capsys):
@@ -67,20 +25,22 @@ def test_cli_predict_formats_and_per_file_errors(tiny_run, photos, capsys):
     assert len(out.splitlines()) == 1 + 2 * 3  # two PNGs, top-3 each
 
 
-def test_cli_evaluate_matches_training(tiny_run, capsys):
-    code, out, _ = _cli(capsys, "evaluate", str(tiny_run.run_dir), "--json", "--no-progress")
+def test_cli_evaluate_matches_training(tiny_run, tmp_path, capsys):
+    run = shutil.copytree(tiny_run.run_dir, tmp_path / "tiny")  # evaluating a run rewrites its evaluation.json
+    (run / "evaluation.json").unlink()
+    code, out, _ = _cli(capsys, "evaluate", str(run), "--json", "--no-progress")
     m = json.loads(out)
     assert code == 0 and m["n"] == 24
     assert m["top1"] == pytest.approx(tiny_run.test_metrics["top1"])
     assert m["loss"] == pytest.approx(tiny_run.test_metrics["loss"], rel=1e-4)
     assert set(m["per_class_accuracy"]) == {"blue", "green", "red"}
-    code, out, _ = _cli(capsys, "evaluate", str(tiny_run.run_dir / "best.safetensors"), "--no-progress")
+    assert json.loads((run / "evaluation.json").read_text())["top1"] == m["top1"]  # saved beside the run
+    code, out, _ = _cli(capsys, "evaluate", str(run / "best.safetensors"), "--no-progress")
     assert code == 0 and "top-1" in out and "top-5" in out
 
 
 def test_evaluate_on_other_data_maps_classes_by_name(tiny_run, tmp_path):
-    from conftest import make_image_folder
-    other = make_image_folder(tmp_path / "other", classes=("red", "blue"), n_train=2, n_test=6, seed=5)
+    other = colour_folder(tmp_path / "other", classes=("red", "blue"), n_train=2, n_test=6, seed=5)
     m = imgclf.evaluate(tiny_run.run_dir, data=str(other), progress=False)
     assert m["n"] == 12 and m["top1"] >= 0.9
     assert m["per_class_accuracy"]["green"] is None

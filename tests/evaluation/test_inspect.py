@@ -5,13 +5,15 @@ import pytest
 from PIL import Image
 
 import imgclf
-from conftest import CIFAR_JPEG, make_image_folder
-from conftest import run_cli as _cli
 from imgclf.evaluation.plots import PLOT_SIZES
+
+from support import CIFAR_JPEG
+from support import run_cli as _cli
+from synthetic import colour_folder
 
 
 def test_inspect_finds_imbalance_duplicates_and_bad_files(tmp_path, capsys):
-    data = make_image_folder(tmp_path / "data", n_train=6, n_test=3)
+    data = colour_folder(tmp_path / "data", n_train=6, n_test=3)
     for i in range(6, 12):  # blue gets twice the images: imbalance
         Image.open(data / "train/blue/0.png").rotate(90 * i).save(data / f"train/blue/{i}.png")
     (data / "test/red/dup.png").write_bytes((data / "train/red/2.png").read_bytes())  # leaked into test
