@@ -5,6 +5,7 @@ so a tiny CNN separates them in a few epochs and training tests can assert learn
 seeded per-pixel noise so the images are not all identical."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,14 @@ def write_image(path: Path, size=(8, 8), mode: str = "RGB", value: int = 0, fmt:
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb = pixels(colour if colour is not None else class_colour("", value), size, noise, rng)
     Image.fromarray(rgb).convert(mode).save(path, format=fmt, **save)
+    return path
+
+
+def truncated_image(path: Path, fmt: str) -> Path:
+    """The first half of a 64x64 noise image's file in ``fmt`` ("JPEG", "PNG"): a download cut short."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, fmt)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     return path
 
 

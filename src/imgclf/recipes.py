@@ -24,8 +24,8 @@ RECIPES: dict[str, dict] = {
     # filters and Nesterov SGD for the rest, linear decay to 0, label smoothing 0.2, 2px shifts and alternating
     # flips, validation only at the end (the schedule is fixed, so no epoch is "best" before the last), and
     # flip+translate test-time augmentation. No progressive resizing: once subnormals are flushed
-    # (utils.flush_denormals) full-size epochs cost ~125-145 s here, and 8 of them (89.94 %) beat 24->28->32 px
-    # (89.25 %) by 0.7 points for ~10 % more time. See benchmarks/cifar10_record.py.
+    # (utils.flush_denormals) a full-size epoch costs little more than a reduced one, and full-size epochs
+    # train better for the time (benchmarks/cifar10_record.py).
     "fast": {"model": "fastnet", "epochs": 8, "batch_size": 1000, "optimizer": "muon", "lr": 0.18,
              "schedule": "linear", "label_smoothing": 0.2, "augment": "fast", "weight_decay": 2e-6,
              "freeze_epochs": 0, "val_every": 0, "tta": "flip+translate", "progressive": "none"},
@@ -37,7 +37,7 @@ RECIPES: dict[str, dict] = {
     # then the whole net with a 10x lower backbone lr, one-cycle, label smoothing, crop+flip augmentation.
     # Validation only after the last epoch, whose weights the run keeps, as fastai's fine_tune does: the
     # one-cycle schedule ends at its best, and a photo folder's validation split is often a few dozen images,
-    # too few to pick an epoch by (on 20, "best" chose epoch 4 of 6: 90.5 % test; the last scored 95.0 %).
+    # too few to pick an epoch by: on a noisy score, "best" picks an early epoch by chance.
     "photo": {"model": "efficientnet-lite0", "pretrained": "imagenet", "epochs": 6, "freeze_epochs": 1,
               "batch_size": 32, "optimizer": "adamw", "lr": 2e-3, "schedule": "onecycle",
               "label_smoothing": 0.1, "augment": "photo", "weight_decay": 0.01, "val_every": 0},

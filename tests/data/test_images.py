@@ -1,14 +1,14 @@
 """images.py: the one image loader (modes, EXIF, bad files) and the shorter-side + centre-crop resize."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
 from imgclf.data import Preprocess, load_image, preprocess_image
 from imgclf.errors import ImgclfError
+
+from synthetic import truncated_image
 
 
 def spec(size: int, channels: int = 3) -> Preprocess:
@@ -125,20 +125,14 @@ def test_preprocess_accepts_bytes_paths_and_arrays(tmp_path):
 
 
 def test_truncated_jpeg_raises_naming_the_file(tmp_path):
-    path = tmp_path / "cut.jpg"
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
-    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    path = truncated_image(tmp_path / "cut.jpg", "JPEG")
     with pytest.raises(ImgclfError, match="cut.jpg.*truncated"):
         load_image(path)
 
 
 def test_truncated_image_still_raises_when_pillow_is_told_to_allow_them(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    path = tmp_path / "cut.png"
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
-    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    path = truncated_image(tmp_path / "cut.png", "PNG")
     with pytest.raises(ImgclfError, match="cut.png"):
         load_image(path)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the global is restored

@@ -32,9 +32,8 @@ _STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3
 _STEM, _HEAD = 32, 1280
 # BatchNorm eps: TensorFlow's 1e-3, which the ImageNet weights were trained with. Momentum: PyTorch's 0.1, not
 # TensorFlow's 0.01 (decay 0.99). It only matters when training from scratch, since fine-tuning keeps the
-# pretrained statistics (train.py). There, 0.01 left the running statistics far from the data after the ~100
-# steps of a small photo folder: trained from scratch on 450 images of 5 classes, the model scored chance (20 %)
-# on held-out images while it learnt; with 0.1, 43.6 % (benchmarks/transfer.py).
+# pretrained statistics. There, 0.01 leaves the running statistics far from the data after the ~100 steps of a
+# small photo folder, and the model scores chance on held-out images while it learns (benchmarks/transfer.py).
 _BN = {"eps": 1e-3, "momentum": 0.1}
 IMAGENET_MEAN = (127.0 / 255,) * 3  # the TF Lite models' (x - 127) / 128 on the 0..1 scale
 IMAGENET_STD = (128.0 / 255,) * 3
