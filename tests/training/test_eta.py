@@ -34,6 +34,24 @@ def test_validations_and_the_final_test_are_counted():
     assert e._after(t, 0, 10.0, 32, include_this_validation=False) == pytest.approx(10 + 1 + 1 + eta.END_SECONDS)
 
 
+def test_the_first_estimate_takes_the_fastest_timed_step(monkeypatch):
+    clock = iter([100.0, 107.0, 113.0, 118.5])  # after the warm-up step, then steps of 7, 6 and 5.5 s
+    monkeypatch.setattr(eta.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(eta.time, "monotonic", lambda: 1000.0)
+    monkeypatch.setattr(eta, "_eval_seconds_per_image", lambda trainer: 0.0)
+    t = _trainer([32, 32])
+    t.batches.steps_per_epoch, t.batches.input_size = 10, lambda epoch, epochs: 32
+    logs = []
+    t.cfg.freeze_epochs, t.started, t.log = 0, 1000.0, logs.append
+    t.setup.device, t.setup.autocast_dtype = SimpleNamespace(type="cpu"), None
+    e = eta.Eta()
+    for step in range(4):
+        e.on_step_end(t, 0, step, 1.0)
+    # 5.5 s a step: 6 steps left of epoch 1 (33 s), epoch 2 (55 s), the end (END_SECONDS)
+    assert len(logs) == 1 and f"about {eta._duration(33 + 55 + eta.END_SECONDS)} on this CPU" in logs[0]
+    assert "(measured 3 steps)" in logs[0]
+
+
 def test_a_run_says_how_long_it_will_take(tmp_path, capsys):
     import imgclf
 

@@ -129,7 +129,8 @@ class FastNet(ImageClassifier):
 
 
 # Widths of the family, widest first. The time-budget planner (budget.py) picks among them.
-VARIANTS = {"fastnet": (64, 256, 256), "fastnet-m": (48, 192, 192), "fastnet-s": (32, 128, 128)}
+VARIANTS = {"fastnet": (64, 256, 256), "fastnet-m": (48, 192, 192), "fastnet-s": (32, 128, 128),
+            "fastnet-xs": (24, 96, 96)}
 
 
 def _register(name: str, widths: tuple[int, int, int]) -> None:

@@ -1,12 +1,14 @@
 """Plan a training run to finish, evaluated, inside a time budget (``imgclf train --time-budget 5m``).
 
-    plan = plan_budget(seconds_left, n_train, n_eval, speeds, max_epochs=8, tta="flip+translate", tta_views=6)
+    plan, speeds = measure_and_plan(cfg, ["fastnet", "fastnet-m", ...], ds, device, n_eval, tta, seconds_left)
 
-The trainer measures each candidate model's training and inference speed on this machine for a step
+The trainer measures candidate models' training and inference speed on this machine for a step
 (:class:`Speed`), then :func:`plan_budget` chooses. The rule, from the fast recipe's runs: a FastNet needs a
 handful of epochs before width pays (a wide net's first epochs at a high learning rate are spent finding
 its footing), so the plan takes the **widest candidate that fits at least MIN_EPOCHS epochs** (up to the
-recipe's), else the one that fits the most epochs; test-time augmentation is kept when it costs no epoch.
+recipe's), else the one that fits the most epochs; test-time augmentation is kept, with as many views as
+cost no epoch. Candidates are measured from the narrowest up, and the wider ones that could not be chosen
+are not measured at all: on a slow CPU one step of the widest FastNet costs seconds of the budget.
 While training, the trainer re-plans after every epoch from the epochs' real duration, shortening the
 linear schedule if the machine turned out slower than measured.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -52,32 +55,16 @@ class Plan:
 
 
 def plan_budget(seconds_left: float, n_train: int, n_eval: int, speeds: list[Speed], *, max_epochs: int,
-                tta: str | None, tta_views: int) -> Plan:
+                tta: list[tuple[str, int]]) -> Plan:
     """Choose (model, epochs, TTA) to fit ``seconds_left``. ``speeds``: the candidates, widest first.
-    ``n_eval`` images are scored at the end (``tta_views`` more times each with TTA).
+    ``n_eval`` images are scored at the end, once more per view with TTA; ``tta``: the TTA modes allowed,
+    each with its number of views, most views first (empty: none).
 
     A narrower candidate does less arithmetic than a wider one, so it is taken to be at least as fast: a
-    measurement saying otherwise was slowed by something else on the machine (on a VM under load, fastnet-s
-    once measured 570 img/s against fastnet-m's 661, and the plan picked fastnet-m for 3 epochs, of which 2
-    fitted: 84.3 %, 64 s of the 5 minutes unused, where fastnet-s trains at ~1,100 img/s there)."""
-    usable = seconds_left * SAFETY - FIXED_END_SECONDS
-    measured, speeds, floor = speeds, [], Speed("", 0.0, 0.0)
-    for sp in measured:
-        floor = Speed(sp.model, max(floor.train_ips, sp.train_ips), max(floor.eval_ips, sp.eval_ips))
-        speeds.append(floor)
-
-    def fit(sp: Speed, views: int) -> tuple[int, float]:
-        eval_s = n_eval * (1 + views) / sp.eval_ips
-        return min(max_epochs, math.floor((usable - eval_s) / (n_train / sp.train_ips))), eval_s
-
-    options = []
-    for sp in speeds:
-        epochs, eval_s = fit(sp, 0)
-        with_tta, tta_s = fit(sp, tta_views) if tta else (-1, 0.0)
-        if tta and with_tta == epochs:
-            options.append(Plan(sp.model, epochs, tta, epochs * n_train / sp.train_ips, tta_s))
-        else:
-            options.append(Plan(sp.model, epochs, None, epochs * n_train / sp.train_ips, eval_s))
+    measurement saying otherwise was slowed by something else on the machine (a VM's steal), and believing it
+    would plan a wider net for fewer epochs than fit."""
+    measured, speeds = speeds, _floored(speeds)
+    options = _options(seconds_left, n_train, n_eval, speeds, max_epochs, tta)
     feasible = [o for o in options if o.epochs >= 1]
     if not feasible:
         fastest = max(speeds, key=lambda s: s.train_ips)
@@ -98,6 +85,59 @@ def plan_budget(seconds_left: float, n_train: int, n_eval: int, speeds: list[Spe
     plan.why.append(f"plan: {plan.model} for {plan.epochs} epoch(s) ({plan.train_seconds:.0f}s) + final evaluation"
                     f"{' with ' + plan.tta + ' TTA' if plan.tta else ''} ({plan.eval_seconds:.0f}s)"
                     + (f": {reason}" if reason else ""))
+    return plan
+
+
+def _floored(speeds: list[Speed]) -> list[Speed]:
+    """Each candidate (widest first) at least as fast as every wider one."""
+    out, floor = [], Speed("", 0.0, 0.0)
+    for sp in speeds:
+        floor = Speed(sp.model, max(floor.train_ips, sp.train_ips), max(floor.eval_ips, sp.eval_ips))
+        out.append(floor)
+    return out
+
+
+def _options(seconds_left: float, n_train: int, n_eval: int, speeds: list[Speed], max_epochs: int,
+             tta: list[tuple[str, int]]) -> list[Plan]:
+    """Each candidate's most epochs, with the richest TTA that costs none of them."""
+    usable = seconds_left * SAFETY - FIXED_END_SECONDS
+
+    def fit(sp: Speed, views: int) -> tuple[int, float]:
+        eval_s = n_eval * (1 + views) / sp.eval_ips
+        return min(max_epochs, math.floor((usable - eval_s) / (n_train / sp.train_ips))), eval_s
+
+    options = []
+    for sp in speeds:
+        epochs, eval_s = fit(sp, 0)
+        mode = None
+        for name, views in tta:
+            with_tta, tta_s = fit(sp, views)
+            if with_tta == epochs:
+                mode, eval_s = name, tta_s
+                break
+        options.append(Plan(sp.model, epochs, mode, epochs * n_train / sp.train_ips, eval_s))
+    return options
+
+
+def measure_and_plan(cfg: TrainConfig, names: list[str], ds, device: torch.device, n_eval: int,
+                     tta: list[tuple[str, int]], seconds_left: Callable[[], float]) -> Plan:
+    """Measure the candidates ``names`` (widest first) from the narrowest up and plan with
+    :func:`plan_budget`. The two narrowest are measured together, then one wider at a time, until a width
+    fits fewer than MIN_EPOCHS epochs and fewer than the narrowest: every wider one, planned as no faster,
+    fits no more, so none of them could be chosen."""
+    pending, speeds = names[::-1], []  # narrowest first
+    while pending:
+        take = 2 if not speeds else 1
+        speeds += measure_speeds(cfg, pending[:take], ds, device)
+        pending = pending[take:]
+        if pending:
+            options = _options(seconds_left(), len(ds.train.y), n_eval, _floored(speeds[::-1]), cfg.epochs, tta)
+            widest, narrowest = options[0].epochs, options[-1].epochs
+            if widest < min(MIN_EPOCHS, cfg.epochs) and widest < narrowest:
+                break
+    plan = plan_budget(seconds_left(), len(ds.train.y), n_eval, speeds[::-1], max_epochs=cfg.epochs, tta=tta)
+    if pending:
+        plan.why.insert(1, f"not measured: {', '.join(pending[::-1])} (wider; no more epochs would fit)")
     return plan
 
 

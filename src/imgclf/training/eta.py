@@ -18,7 +18,9 @@ import torch
 from ..inference import predict_logits
 from .callbacks import Callback
 
-TIMED_STEPS = 3      # steps timed for the first estimate, after one warm-up step (kernel choice, allocations)
+TIMED_STEPS = 3      # steps timed for the first estimate, after one warm-up step (kernel choice, allocations);
+                     # the fastest counts: the first steps still run slower than the epochs do, and a step slowed
+                     # by other work on the machine says nothing of the rest
 EVAL_SHARE = 1 / 3   # before an evaluation batch is timed: a forward pass costs ~1/3 of a training step
 END_SECONDS = 4      # checkpoint stamping, run.json and the report after the final test
 
@@ -28,21 +30,25 @@ class Eta(Callback):
         self.said_first = False
         self.epoch_t0 = 0.0
         self.mark: tuple[float, int] | None = None  # (time, step) after the warm-up step
+        self.steps: list[float] = []                 # seconds of each timed step
         self.val_seconds_per_image: float | None = None
 
     def on_epoch_start(self, trainer, epoch):
         self.epoch_t0 = time.perf_counter()
-        self.mark = None
+        self.mark, self.steps = None, []
 
     def on_step_end(self, trainer, epoch, step, loss):
         if self.said_first or epoch < (trainer.cfg.freeze_epochs or 0):  # head-only steps say nothing of the rest
             return
+        now = time.perf_counter()
         if self.mark is None:
-            self.mark = (time.perf_counter(), step)
+            self.mark = (now, step)
             return
-        timed = step - self.mark[1]
+        self.steps.append(now - self.mark[0])
+        self.mark = (now, step)
+        timed = len(self.steps)
         if timed >= TIMED_STEPS or step + 1 == trainer.batches.steps_per_epoch:
-            step_seconds = (time.perf_counter() - self.mark[0]) / timed
+            step_seconds = min(self.steps)
             if self.val_seconds_per_image is None:
                 self.val_seconds_per_image = _eval_seconds_per_image(trainer)
             size = trainer.batches.input_size(epoch, trainer.state.epochs)

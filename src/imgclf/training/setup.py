@@ -32,7 +32,7 @@ from ..recipes import resolve
 from ..utils import resolve_device
 from .augment import ALTERNATING_FLIP, build_augment
 from .batches import InMemoryBatches
-from .budget import FIXED_END_SECONDS, measure_speeds, plan_budget
+from .budget import FIXED_END_SECONDS, measure_and_plan
 from .precision import autocast_dtype
 
 INIT_SAMPLE = 5000  # training images a model's data-dependent init looks at
@@ -173,15 +173,15 @@ def _build_model(cfg: TrainConfig, ds: Dataset, init, resume, notes: list[str]) 
 
 def _plan_time_budget(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val, device: torch.device,
                       started: float) -> tuple[TrainConfig, float, list[str]]:
-    """Measure each candidate model's speed here for a step or two, then let budget.plan_budget choose the
-    model (when the recipe chose it: FastNet's widths), the epochs and whether TTA fits."""
+    """Measure candidate models' speed here for a step or two, then let the budget planner choose the model
+    (when the recipe chose it: FastNet's widths), the epochs and how many TTA views fit."""
     names = list(FASTNET_VARIANTS) if user_cfg.model is None and cfg.model in FASTNET_VARIANTS else [cfg.model]
-    speeds = measure_speeds(cfg, names, ds, device)
     n_eval = (0 if val is None or (cfg.val_every == 0) else len(val.y)) + split_size(ds.test)
-    tta = None if cfg.tta == "none" else cfg.tta
-    views = len(tta_views(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), tta)) if tta else 0
-    plan = plan_budget(cfg.time_budget - (time.monotonic() - started), len(ds.train.y), n_eval, speeds,
-                       max_epochs=cfg.epochs, tta=tta, tta_views=views)
+    modes = [] if cfg.tta == "none" else [cfg.tta] + (["flip"] if "flip" in cfg.tta and cfg.tta != "flip" else [])
+    probe = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+    tta = [(mode, len(tta_views(probe, mode))) for mode in modes]  # flip alone where the recipe's views cost an epoch
+    plan = measure_and_plan(cfg, names, ds, device, n_eval, tta,
+                            seconds_left=lambda: cfg.time_budget - (time.monotonic() - started))
     return (dataclasses.replace(cfg, model=plan.model, epochs=plan.epochs, tta=plan.tta or "none"),
             plan.eval_seconds + FIXED_END_SECONDS, plan.why)
 
