@@ -1,6 +1,6 @@
 """Plan a training run to finish, evaluated, inside a time budget (``imgclf train --time-budget 5m``).
 
-    plan, speeds = measure_and_plan(cfg, ["fastnet", "fastnet-m", ...], ds, device, n_eval, tta, seconds_left)
+    plan = measure_and_plan(cfg, ["fastnet", "fastnet-m", ...], ds, device, n_eval, tta, seconds_left)
 
 The trainer measures candidate models' training and inference speed on this machine for a step
 (:class:`Speed`), then :func:`plan_budget` chooses. The rule, from the fast recipe's runs: a FastNet needs a

@@ -29,24 +29,24 @@ class Eta(Callback):
     def __init__(self):
         self.said_first = False
         self.epoch_t0 = 0.0
-        self.mark: tuple[float, int] | None = None  # (time, step) after the warm-up step
-        self.steps: list[float] = []                 # seconds of each timed step
+        self.last: float | None = None  # when the previous step ended (the warm-up step first)
+        self.steps: list[float] = []     # seconds of each timed step
         self.val_seconds_per_image: float | None = None
 
     def on_epoch_start(self, trainer, epoch):
         self.epoch_t0 = time.perf_counter()
-        self.mark, self.steps = None, []
+        self.last, self.steps = None, []
 
     def on_step_end(self, trainer, epoch, step, loss):
         if self.said_first or epoch < (trainer.cfg.freeze_epochs or 0):  # head-only steps say nothing of the rest
             return
         now = time.perf_counter()
-        if self.mark is None:
-            self.mark = (now, step)
-            return
-        self.steps.append(now - self.mark[0])
-        self.mark = (now, step)
+        if self.last is not None:
+            self.steps.append(now - self.last)
+        self.last = now
         timed = len(self.steps)
+        if not timed:
+            return
         if timed >= TIMED_STEPS or step + 1 == trainer.batches.steps_per_epoch:
             step_seconds = min(self.steps)
             if self.val_seconds_per_image is None:
