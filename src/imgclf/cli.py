@@ -72,6 +72,7 @@ def train(
     fraction: Optional[float] = typer.Option(None, help=_h("fraction")),
     image_size: Optional[int] = typer.Option(None, help=_h("image_size")),
     skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images", help=_h("skip_bad_images")),
+    data_in_memory: Optional[str] = typer.Option(None, help=_h("data_in_memory")),
     seed: Optional[int] = typer.Option(None, help=_h("seed")),
     device: Optional[str] = typer.Option(None, help=_h("device")),
     precision: Optional[str] = typer.Option(None, help=_h("precision")),

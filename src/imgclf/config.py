@@ -45,6 +45,9 @@ class TrainConfig:
     test_split: float = 0.0             # fraction held out for test when the data has no test/ folder
     skip_bad_images: bool = False       # skip (and list) unreadable images instead of stopping
     fraction: float = 1.0               # train on this fraction of the training images (stratified, seeded)
+    data_in_memory: str = "auto"        # yes: load the decoded images into memory; no: stream each batch from
+                                        # the memory-mapped cache; auto: in memory when they take under half
+                                        # the memory available (and streamed under torchrun: one copy a machine)
     # Settings left None are filled by the recipe (see recipes.py); a value given here always wins.
     recipe: str = "auto"                # auto (photo for large images, else fast), fast, seed or photo: the
                                         # defaults for every setting not given
@@ -97,6 +100,7 @@ class TrainConfig:
         _one_of("monitor", self.monitor, MONITORS)
         _one_of("tta", self.tta, TTA_MODES + ("none",))
         _one_of("class_weights", self.class_weights, ("none", "auto"))
+        _one_of("data_in_memory", self.data_in_memory, ("auto", "yes", "no"))
         if self.val_every is not None and self.val_every < 0:
             raise ImgclfError(f"val_every must be 0 (only after the last epoch) or more, got {self.val_every}")
         for key in ("epochs", "batch_size", "eval_batch_size"):

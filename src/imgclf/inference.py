@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .data.images import Preprocess, preprocess_image
-from .data.tensors import Normalizer, to_tensor
+from .data.tensors import Normalizer, chunks, to_tensor
 from .errors import ImgclfError
 
 
@@ -33,7 +33,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, normalizer: Normalizer, *, batch_size: int = 512,
                    autocast_dtype: torch.dtype | None = None, channels_last: bool = True) -> torch.Tensor:
-    """Logits (float32, on the model's device) for a (N, C, H, W) uint8 tensor, in eval mode, batched."""
+    """Logits (float32, on the model's device) for a (N, C, H, W) uint8 tensor, or (N, H, W, C) uint8 images
+    (an array or ImageRows, read a chunk at a time), in eval mode, batched."""
+    if not isinstance(x, torch.Tensor):
+        parts = [predict_logits(model, to_tensor(part), normalizer, batch_size=batch_size,
+                                autocast_dtype=autocast_dtype, channels_last=channels_last)
+                 for _, part in chunks(x, batch_size)]
+        return torch.cat(parts) if parts else predict_logits(model, to_tensor(np.asarray(x)), normalizer)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -107,6 +113,11 @@ class BaseClassifier:
     def logits(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Float32 CPU logits (N, num_classes) for a (N, C, H, W) uint8 tensor of preprocessed images."""
         raise NotImplementedError
+
+    def logits_of(self, images, batch_size: int = 512) -> torch.Tensor:
+        """:meth:`logits` for (N, H, W, C) uint8 images (an array or ImageRows), read a chunk at a time."""
+        parts = [self.logits(to_tensor(part), batch_size=batch_size) for _, part in chunks(images, batch_size)]
+        return torch.cat(parts) if parts else self.logits(to_tensor(np.asarray(images)), batch_size=batch_size)
 
     def predict_proba(self, images: list[Any] | Any, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (N, num_classes) for paths, bytes, PIL images or (H, W, C) uint8 arrays.

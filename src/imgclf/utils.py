@@ -69,6 +69,51 @@ def flush_denormals() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
+def available_memory() -> int:
+    """Bytes this process can still take: the system's MemAvailable, or less under a memory cgroup's limit
+    (v1 or v2: containers and ``cgexec`` set one; the page cache it holds counts as reclaimable)."""
+    avail = _meminfo().get("MemAvailable", 1 << 62)
+    for limit, usage, cache in _cgroup_memory():
+        if limit < 1 << 60:
+            avail = min(avail, max(0, limit - usage + cache))
+    return avail
+
+
+def _meminfo() -> dict[str, int]:
+    try:
+        with open("/proc/meminfo") as f:
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cgroup_memory() -> list[tuple[int, int, int]]:
+    """(limit, usage, page cache) of every memory cgroup this process is in (v1 and v2), innermost first."""
+    out = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            base, files = Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes", "cache")
+        elif controllers == "":
+            base, files = Path("/sys/fs/cgroup"), ("memory.max", "memory.current", "file")
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        try:
+            limit_text = (folder / files[0]).read_text().strip()
+            limit = 1 << 62 if limit_text == "max" else int(limit_text)
+            usage = int((folder / files[1]).read_text())
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+            out.append((limit, usage, int(stat.get(files[2], 0))))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def process_age() -> float:
     """Seconds since this process started (interpreter start-up and imports included) where the OS tells
     (Linux /proc); otherwise since this module was imported."""

@@ -32,6 +32,33 @@ def make_zip(root, dest, *, arcroot=""):
 @pytest.mark.parametrize("kind", ["tar", "tar.gz", "tgz", "zip"])
 def test_archive_loads_like_the_folder(image_tree, tmp_path, kind):
     root = image_tree(SPEC)
+    _same_as_folder(root, tmp_path, kind)
+
+
+@pytest.mark.parametrize("images", ["varying-sizes", "grey", "large-jpegs"])
+def test_archive_decoded_in_stored_order_equals_the_folder(tmp_path, images, monkeypatch):
+    """An archive is decoded in one pass in stored order (its bytes are not kept); a second pass reads it again
+    where sizes vary, and grey images stored in colour are narrowed afterwards: the folder's pixels all the same."""
+    from imgclf.data import decode
+
+    from synthetic import write_image
+
+    monkeypatch.setattr(decode, "PARALLEL_MIN", 4)  # worker processes too, in small chunks
+    monkeypatch.setattr(decode, "CHUNK", 3)
+    root = tmp_path / "data"
+    for i in range(14):
+        split, cls = ("test" if i % 5 == 0 else "train"), ("cat" if i % 2 else "dog")
+        if images == "varying-sizes":
+            write_image(root / split / cls / f"{i}.png", size=(8 + i, 10 + 2 * i), value=10 * i)
+        elif images == "grey":
+            write_image(root / split / cls / f"{i}.png", size=(9, 9), mode="L", value=10 * i)
+        else:
+            write_image(root / split / cls / f"{i}.jpg", size=(300 + 10 * i, 280), value=10 * i)
+    ds = _same_as_folder(root, tmp_path, "tar")
+    assert ds.channels == (1 if images == "grey" else 3) and len(ds.train.y) == 11
+
+
+def _same_as_folder(root, tmp_path, kind):
     dest = tmp_path / f"pets.{kind}"
     if kind == "zip":
         make_zip(root, dest)
@@ -40,7 +67,10 @@ def test_archive_loads_like_the_folder(image_tree, tmp_path, kind):
     folder, archive = (load_dataset(str(p), progress=False) for p in (root, dest))
     assert archive.name == "pets" and archive.source == str(dest.resolve())
     assert archive.classes == folder.classes == ["cat", "dog"]
-    assert (archive.train.x == folder.train.x).all() and (archive.test.y == folder.test.y).all()
+    assert archive.image_size == folder.image_size and archive.channels == folder.channels
+    assert (np.asarray(archive.train.x) == np.asarray(folder.train.x)).all() and (archive.test.y == folder.test.y).all()
+    assert (np.asarray(archive.test.x) == np.asarray(folder.test.x)).all()
+    return archive
 
 
 @pytest.mark.parametrize("kind", ["tar.gz", "zip"])

@@ -59,7 +59,7 @@ def test_split_is_seeded(image_tree):
     for i, path in enumerate(sorted(root.rglob("*.png"))):
         Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(path)
     a, b, c = (load(root, val_split=0.25, seed=s) for s in (0, 0, 1))
-    assert (a.val.x == b.val.x).all() and (a.train.x == b.train.x).all()
+    assert (np.asarray(a.val.x) == np.asarray(b.val.x)).all() and (np.asarray(a.train.x) == np.asarray(b.train.x)).all()
     assert not (a.val.x[:, 0, 0, 0] == c.val.x[:, 0, 0, 0]).all()
     assert sorted(a.val.x[:, 0, 0, 0].tolist() + a.train.x[:, 0, 0, 0].tolist()) == list(range(40))
 
@@ -219,7 +219,8 @@ def test_parallel_decode_matches_serial(image_tree, monkeypatch):
     monkeypatch.setattr(decode, "PARALLEL_MIN", 4)
     monkeypatch.setattr(decode, "CHUNK", 3)
     parallel = load(root, image_size=9, channels=3)  # other options -> another cache entry, decoded again
-    assert (serial.train.x == parallel.train.x).all() and (serial.test.y == parallel.test.y).all()
+    assert (np.asarray(serial.train.x) == np.asarray(parallel.train.x)).all()
+    assert (serial.test.y == parallel.test.y).all()
 
 
 def test_progress_bars_go_to_stderr_only_when_asked(image_tree, capsys):

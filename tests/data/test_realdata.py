@@ -17,5 +17,5 @@ def test_mnist_png_archive():
     assert ds.channels == 1 and ds.image_size == 28
     assert ds.train.x.shape == (60000, 28, 28, 1) and ds.test.x.shape == (10000, 28, 28, 1)
     assert np.bincount(ds.train.y).min() > 5000 and np.bincount(ds.test.y).min() > 800
-    assert 20 < ds.train.x.mean() < 50  # white digits on black, as published
+    assert 20 < ds.train.x[:10000].mean() < 50  # white digits on black, as published
     assert ds.skipped == [] and ds.val is None

@@ -74,9 +74,10 @@ def is_cifar10(path: Path) -> bool:
 
 
 def load_cifar10(path: Path, *, image_size: int | None = None, channels: int | None = None,
-                 skip_bad_images: bool = False, progress: bool = True) -> Decoded:
+                 skip_bad_images: bool = False, progress: bool = True, store=None) -> Decoded:
     """Parse the official archive or folder into Decoded (train 50k / test 10k), resized if asked.
-    ``skip_bad_images`` is accepted for a uniform parser signature: batches hold no image files to skip."""
+    ``skip_bad_images`` and ``store`` are accepted for a uniform parser signature (the cache stores the
+    arrays returned): batches hold no image files to skip."""
     blobs = _read_blobs(path)
     _require(blobs, FILES, path, FOLDER, "cifar-10-python.tar.gz")
     classes = _label_names(blobs["batches.meta"], "batches.meta", b"label_names", path)
@@ -158,7 +159,7 @@ def is_cifar100(path: Path) -> bool:
 
 
 def load_cifar100(path: Path, *, labels: str = "fine", image_size: int | None = None, channels: int | None = None,
-                  skip_bad_images: bool = False, progress: bool = True) -> Decoded:
+                  skip_bad_images: bool = False, progress: bool = True, store=None) -> Decoded:
     """The official cifar-100-python.tar.gz (or folder) -> Decoded, with the 100 ``fine`` labels or the 20
     ``coarse`` super-classes. Same restricted unpickling as CIFAR-10."""
     if labels not in ("fine", "coarse"):

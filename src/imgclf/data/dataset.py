@@ -26,12 +26,13 @@ from .decoded import Decoded
 from .folder import LAYOUT_HELP, load_folder
 from .idx import is_idx_folder, load_idx_folder
 from .notify import note
+from .shards import ImageRows
 from .split import stratified_split
 
 
 @dataclass
 class Split:
-    x: np.ndarray  # (N, H, W, C) uint8, C = 1 or 3, H = W = image_size
+    x: ImageRows   # (N, H, W, C) uint8, C = 1 or 3, H = W = image_size; memory-mapped from the cache
     y: np.ndarray  # (N,) int64 class indices into Dataset.classes
 
 
@@ -79,9 +80,9 @@ def load_dataset(data: str = "cifar10", *, image_size: int | None = None, val_sp
     decoded = cache.load(key)
     if decoded is None:
         parser = parser or _detect_parser(source)
-        decoded = parser(source, image_size=image_size, channels=channels, skip_bad_images=skip_bad_images,
-                         progress=progress)
-        cache.save(key, decoded)
+        decoded = cache.decode(key, lambda store: parser(
+            source, image_size=image_size, channels=channels, skip_bad_images=skip_bad_images, progress=progress,
+            store=store))
     return _make_dataset(decoded, name=name, source=source, val_split=val_split, test_split=test_split,
                          seed=seed)
 
@@ -167,16 +168,16 @@ def _make_dataset(decoded: Decoded, *, name: str, source: Path, val_split: float
         note(f"ignoring test split {test_split}: {source} has its own test/ folder")
     elif test_carved:
         keep, carved = stratified_split(y, test_split, test_rng)
-        test, rest = Split(x[carved], y[carved]), keep
+        test, rest = Split(x.select(carved), y[carved]), keep
     if val_split > 0 and val is not None:
         note(f"ignoring val split {val_split}: {source} has its own val/ folder")
     elif val_split > 0:
         # Both fractions are of the same pool, so scale val's to what the test carve left of it.
         fraction = val_split / (1 - test_split) if test_carved else val_split
         keep, carved = stratified_split(y[rest], fraction, val_rng)
-        val, val_origin = Split(x[rest[carved]], y[rest[carved]]), "val-split"
+        val, val_origin = Split(x.select(rest[carved]), y[rest[carved]]), "val-split"
         rest = rest[keep]
-    train = Split(x, y) if len(rest) == len(y) else Split(x[rest], y[rest])
+    train = Split(x, y) if len(rest) == len(y) else Split(x.select(rest), y[rest])
     return Dataset(name=name, source=str(source), classes=list(decoded.classes), channels=decoded.channels,
                    image_size=decoded.image_size, train=train, test=test, val=val, val_origin=val_origin,
                    skipped=list(decoded.skipped))

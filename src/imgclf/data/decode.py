@@ -1,11 +1,15 @@
-"""Decode many images into uint8 arrays, on every core once there are enough of them.
+"""Decode many images into uint8 arrays, on every core once there are enough of them, in a stream.
 
     with Decoder(size=32, channels=None, progress=True) as dec:
-        dec.add("train/cat/1.jpg", "/data/train/cat/1.jpg", "/data/train/cat/1.jpg")  # key, label, path or bytes
-        results = dec.finish()                      # {key: DecodedImage}
+        for key, image in dec.add("train/cat/1.jpg", "/data/train/cat/1.jpg", "/data/train/cat/1.jpg"):
+            ...                                     # (key, DecodedImage) in the order added, as they are ready
+        for key, image in dec.finish():
+            ...
 
 Images may be added while an archive is still being read: chunks go to the worker processes as they fill,
-so reading and decoding overlap. Each image goes through the same open_image / to_channels /
+so reading and decoding overlap, and at most a few chunks are in flight, so memory stays bounded however
+many images there are. ``Decoder(..., probe=True)`` reads only each image's header (size, mode), for the
+pass that chooses a folder's size and channels. Each image goes through the same open_image / to_channels /
 resize_center_crop steps as ``preprocess_image``, so training pixels equal predict-time pixels.
 """
 from __future__ import annotations
@@ -14,7 +18,8 @@ import contextlib
 import multiprocessing
 import os
 import sys
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
@@ -23,13 +28,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import ImgclfError
-from .images import GREY_MODES, open_image, resize_center_crop, stored_size, to_array, to_channels
+from .images import GREY_MODES, image_header, open_image, resize_center_crop, stored_size, to_array, to_channels
 
-# Below this many images, starting worker processes (~0.1 s) costs more than it saves.
+# Below this many images, starting worker processes (~0.1 s) costs more than it saves; they start earlier
+# when the images waiting to be decoded hold START_BYTES (large photos from an archive): memory stays bounded.
 PARALLEL_MIN = 2000
+START_BYTES = 256 << 20
 # Images a worker decodes per task: big enough that pickling overhead is small, small enough that
 # the progress bar moves and both workers finish at about the same time.
 CHUNK = 500
+# A chunk of archive members carries their bytes to a worker: it closes at this many bytes, whatever the count.
+CHUNK_BYTES = 16 << 20
+# Chunks in flight per worker: enough to keep every worker busy while results are collected, few enough that
+# memory does not grow with the dataset.
+IN_FLIGHT_PER_WORKER = 2
 # With image sizes that vary, a folder's default side is the most common shorter side, but no more than this:
 # beyond 64 px the small CNNs here gain little and the decoded arrays (and training) grow quadratically.
 MAX_DEFAULT_SIZE = 64
@@ -96,46 +108,79 @@ def _unpack(records: list[tuple], flat: np.ndarray) -> list[DecodedImage]:
     return out
 
 
+def probe_chunk(items: list[tuple[str, str | bytes]], size: int | None,
+                channels: int | None) -> list[DecodedImage]:
+    """Headers only: (grey, width, height) of each image without decoding its pixels (pixels is None); an
+    error for a file that is not an image at all. Sizes ignore EXIF rotation, which never changes the
+    shorter side or whether an image is square."""
+    out = []
+    for label, src in items:
+        try:
+            out.append(DecodedImage(*image_header(src, name=label), None, None))
+        except ImgclfError as e:
+            out.append(DecodedImage(False, 0, 0, None, str(e)))
+    return out
+
+
+def _probe_packed(items, size, channels):
+    return probe_chunk(items, size, channels), np.zeros(0, np.uint8)
+
+
+def _unpack_probe(records, flat):
+    return records
+
+
 class Decoder:
-    """Collects images to decode; decodes them serially, or in a process pool once PARALLEL_MIN are in."""
+    """Decodes (or, with probe=True, reads the headers of) the images added, serially or in a process pool
+    once PARALLEL_MIN are in; hands results back in the order added."""
 
     def __init__(self, *, size: int | None, channels: int | None, progress: bool, total: int | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, probe: bool = False):
         self.size, self.channels = size, channels
+        self._local, self._remote, self._unpack_fn = ((probe_chunk, _probe_packed, _unpack_probe) if probe else
+                                                      (decode_chunk, _decode_packed, _unpack))
         self._workers = workers or _usable_cpus()
         self._pending: list[tuple[str, str, str | bytes]] = []
-        self._jobs: list[tuple[list[str], list[tuple], Future] | None] = []
-        self._harvested = 0
-        self._results: dict[str, DecodedImage] = {}
+        self._pending_bytes = 0
+        self._jobs: deque = deque()  # (keys, items, future) in submission order
         self._pool: ProcessPoolExecutor | None = None
         self._broken = False  # the worker pool died: decode the rest here
-        self._bar = tqdm(total=total, desc="decode", unit="img", disable=not progress, file=sys.stderr,
-                         dynamic_ncols=True)
+        self._bar = tqdm(total=total, desc="scan" if probe else "decode", unit="img", disable=not progress,
+                         file=sys.stderr, dynamic_ncols=True)
 
-    def add(self, key: str, label: str, src: str | bytes) -> None:
+    def add(self, key: str, label: str, src: str | bytes) -> list[tuple[str, DecodedImage]]:
+        """Queue one image; -> the results that are ready now (waits when too many chunks are in flight)."""
         self._pending.append((key, label, src))
-        if self._broken:
-            return
-        if self._pool is None and self._workers > 1 and len(self._pending) >= PARALLEL_MIN:
+        self._pending_bytes += len(src) if isinstance(src, (bytes, bytearray)) else 0
+        full = len(self._pending) >= CHUNK or self._pending_bytes >= CHUNK_BYTES
+        if self._broken or self._workers < 2:
+            return self._here(self._take()) if full else []
+        if self._pool is None:
+            if len(self._pending) < PARALLEL_MIN and self._pending_bytes < START_BYTES:
+                return []
             self._pool = ProcessPoolExecutor(self._workers, mp_context=_fork_context(), initializer=_lower_priority)
-        if self._pool is not None and len(self._pending) >= CHUNK:
-            self._submit()
-            if self._pool is None:
-                return
-            self._harvest(wait=False)
+        if not full:
+            return []
+        while self._pending:
+            self._submit(self._take())
+        return self._harvest(wait_for=max(0, len(self._jobs) - IN_FLIGHT_PER_WORKER * self._workers))
 
-    def finish(self) -> dict[str, DecodedImage]:
-        """Decode what is left, wait for the workers; -> {key: DecodedImage}."""
-        if self._pool is not None:
-            self._submit()
-        self._harvest(wait=True)  # what the workers did (or, if their pool broke, what is redone here)
-        for start in range(0, len(self._pending), CHUNK):
-            part = self._pending[start:start + CHUNK]
-            decoded = decode_chunk([(label, src) for _, label, src in part], self.size, self.channels)
-            self._store([key for key, _, _ in part], decoded)
-        self._pending = []
+    def take_pending(self) -> list[tuple[str, str, str | bytes]]:
+        """The images added but not yet handed to a worker, removed: their caller has changed its mind."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        self._bar.update(len(pending))
+        return pending
+
+    def finish(self) -> list[tuple[str, DecodedImage]]:
+        """What is left, in order, once the workers are done."""
+        if self._pool is not None and not self._broken:
+            while self._pending:
+                self._submit(self._take())
+        out = self._harvest(wait_for=len(self._jobs))
+        while self._pending:
+            out += self._here(self._take())
         self.close()
-        return self._results
+        return out
 
     def close(self) -> None:
         if self._pool is not None:
@@ -149,35 +194,50 @@ class Decoder:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _submit(self) -> None:
-        while self._pending:
-            part = self._pending[:CHUNK]
-            items = [(label, src) for _, label, src in part]
+    def _take(self) -> list[tuple[str, str, str | bytes]]:
+        part, n, size = [], 0, 0
+        for key, label, src in self._pending:
+            if part and (n >= CHUNK or size >= CHUNK_BYTES):
+                break
+            part.append((key, label, src))
+            n += 1
+            size += len(src) if isinstance(src, (bytes, bytearray)) else 0
+        self._pending = self._pending[n:]
+        self._pending_bytes -= size
+        return part
+
+    def _here(self, part) -> list[tuple[str, DecodedImage]]:
+        results = self._local([(label, src) for _, label, src in part], self.size, self.channels)
+        return self._done([key for key, _, _ in part], results)
+
+    def _submit(self, part) -> None:
+        items = [(label, src) for _, label, src in part]
+        future = None
+        if not self._broken:
             try:
-                future = self._pool.submit(_decode_packed, items, self.size, self.channels)
+                future = self._pool.submit(self._remote, items, self.size, self.channels)
             except BrokenProcessPool:
-                self._mark_broken()  # what is still pending gets decoded here, in finish()
-                return
-            self._jobs.append(([key for key, _, _ in part], items, future))
-            self._pending = self._pending[CHUNK:]
+                self._mark_broken()
+        self._jobs.append(([key for key, _, _ in part], items, future))
 
-    def _harvest(self, *, wait: bool) -> None:
+    def _harvest(self, *, wait_for: int) -> list[tuple[str, DecodedImage]]:
         # In submission order, so results (and the bar) advance without a separate completion thread.
-        while self._harvested < len(self._jobs):
-            keys, items, future = self._jobs[self._harvested]
-            if not wait and not future.done():
-                return
+        out = []
+        while self._jobs:
+            keys, items, future = self._jobs[0]
+            if wait_for <= 0 and future is not None and not future.done():
+                break
             try:
-                decoded = _unpack(*future.result())
+                if future is None:
+                    raise CancelledError
+                results = self._unpack_fn(*future.result())
             except (BrokenProcessPool, CancelledError):
-                decoded = self._decode_here(items)
-            self._store(keys, decoded)
-            self._jobs[self._harvested] = None  # let the finished chunk's memory go
-            self._harvested += 1
-
-    def _decode_here(self, items: list[tuple]) -> list[DecodedImage]:
-        self._mark_broken()
-        return decode_chunk(items, self.size, self.channels)
+                self._mark_broken()
+                results = self._local(items, self.size, self.channels)
+            self._jobs.popleft()
+            wait_for -= 1
+            out += self._done(keys, results)
+        return out
 
     def _mark_broken(self) -> None:
         """The worker pool died; the rest is decoded in this process. The usual cause: a script without an
@@ -192,9 +252,9 @@ class Decoder:
                    "process (slower). If you called imgclf from your own script, put its code under "
                    "`if __name__ == \"__main__\":` so worker processes can start.", file=sys.stderr)
 
-    def _store(self, keys: list[str], decoded: list[DecodedImage]) -> None:
-        self._results.update(zip(keys, decoded))
+    def _done(self, keys: list[str], results: list[DecodedImage]) -> list[tuple[str, DecodedImage]]:
         self._bar.update(len(keys))
+        return list(zip(keys, results))
 
 
 def preprocess_arrays(x: np.ndarray, size: int, channels: int, *, progress: bool) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What every source parser yields and the cache stores: uint8 arrays per stored split, before splitting.
+"""What every source parser yields and the cache stores: uint8 images per stored split, before splitting.
 
 The val/test fractions are applied afterwards (see dataset.py), so changing them never re-decodes.
 """
@@ -8,13 +8,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .shards import ImageRows, ShardWriter
+
 
 @dataclass
 class Decoded:
     classes: list[str]   # class names; labels index into this list
     channels: int        # 1 or 3
     image_size: int      # square side of every image
-    # "train" / "test" / "val" as found in the source, or "all" for a <class>/* folder; -> (x, y):
-    # x (N, image_size, image_size, channels) uint8, y (N,) int64
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    # "train" / "test" / "val" as found in the source, or "all" for a <class>/* folder; -> (x, y), y (N,)
+    # int64. x: (N, image_size, image_size, channels) uint8 images (an array or ImageRows), or, when
+    # ``pool`` is set, the (N,) int64 positions of the split's images in the pool
+    splits: dict[str, tuple[np.ndarray | ImageRows, np.ndarray]]
     skipped: list[str] = field(default_factory=list)  # unreadable files left out (skip_bad_images=True)
+    pool: ShardWriter | None = None  # the shards a streaming parser wrote its images into

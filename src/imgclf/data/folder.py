@@ -1,7 +1,7 @@
 """Image folders -> Decoded: find the class layout in a folder or archive, then decode every image.
 
     decoded = load_folder(Path("pets.zip"), image_size=None, channels=None, skip_bad_images=False,
-                          progress=True)
+                          progress=True, store=store)     # store: see cache.py
 
 Layouts understood (one wrapping folder around either is looked through, as archives often have):
 
@@ -10,8 +10,8 @@ Layouts understood (one wrapping folder around either is looked through, as arch
 
 Images may sit in sub-folders of a class folder. Names starting with "." and ``__MACOSX`` folders are
 ignored, as are files whose extension is not an image format (counted in a note). Classes come in
-natural order ("2" before "10"); files are decoded in sorted order, so results never depend on the
-order a file system or archive lists them.
+natural order ("2" before "10"); every split lists its files in sorted order, so results never depend on
+the order a file system or archive lists them (an archive's images are stored in the order read).
 """
 from __future__ import annotations
 
@@ -48,26 +48,130 @@ class Layout:
 
 
 def load_folder(path: Path, *, image_size: int | None, channels: int | None, skip_bad_images: bool,
-                progress: bool) -> Decoded:
-    """Decode an image folder (a directory or an archive of one) into uint8 arrays per split."""
-    if path.is_dir():
-        files, dirs = walk(path)
-        layout = scan_layout(files, dirs, where=str(path))
+                progress: bool, store) -> Decoded:
+    """Decode an image folder (a directory or an archive of one) into ``store``'s shards, one image at a time.
+
+    One pass decodes every image (an archive's in stored order, read member by member); without a size, at
+    the first image's own size while every image is square and that size. Where they are not (photos), the
+    pass reads only headers from there on, the size is chosen from them, and a second pass decodes. Without
+    a channel count, images are stored in colour, grey ones in three equal channels, and narrowed to one
+    channel when every image turned out grey."""
+    listing = _list_dir(path) if path.is_dir() else None
+    layout = None if listing is None else scan_layout(listing.files, listing.dirs, where=str(path))
+    wanted = None if layout is None else [rel for items in layout.splits.values() for rel, _ in items]
+    first = _Pass(store, image_size, channels, progress, total=None if wanted is None else len(wanted),
+                  archive=listing is None)
+    if listing is None:
+        listing = _read_archive(path, first)
+        layout = scan_layout(listing.files, listing.dirs, where=str(path))
         wanted = [rel for items in layout.splits.values() for rel, _ in items]
-        sources = {rel: str(path / rel) for rel in wanted}
-        with Decoder(size=image_size, channels=channels, progress=progress, total=len(wanted)) as decoder:
-            for rel in wanted:
-                decoder.add(rel, sources[rel], sources[rel])
-            results = decoder.finish()
     else:
-        with Decoder(size=image_size, channels=channels, progress=progress) as decoder:
-            sources, files, dirs = _read_archive(path, decoder)
-            layout = scan_layout(files, dirs, where=str(path))  # while the workers finish decoding
-            results = decoder.finish()
+        for rel, label, src in _sources(path, set(wanted)):
+            first.add(rel, label, src)
+    first.finish()
     if layout.ignored:
         note(f"ignored {len(layout.ignored)} non-image file(s) in {path}, e.g. {layout.ignored[0]}")
-    return _assemble(layout, results, sources, path, image_size=image_size, channels=channels,
-                     skip_bad_images=skip_bad_images, progress=progress)
+
+    done = first
+    headers = {rel: first.headers.get(listing.links.get(rel, rel)) for rel in wanted}
+    readable = [h for h in headers.values() if h is not None and not h.error]
+    if not readable:  # nothing decodes: say why
+        _drop_bad(layout, _bad(headers, first.bad, listing.links, wanted), path, skip_bad_images=skip_bad_images)
+    n_channels = channels or (1 if all(h.grey for h in readable) else 3)
+    if first.failed:  # sizes vary: decode again at the size chosen from the headers
+        size = image_size or _default_size(readable, path)
+        done = _Pass(store, size, n_channels, progress, total=len(readable), archive=listing.archive)
+        keep = {listing.links.get(rel, rel) for rel, h in headers.items() if h is not None and not h.error}
+        for rel, label, src in _sources(path, keep):
+            done.add(rel, label, src)
+        done.finish()
+    elif n_channels == 1 and done.writer.shape[-1] == 3:
+        done.narrow_to_grey()
+    size = done.writer.shape[0]
+
+    positions, bad = done.positions, _bad(headers, {**first.bad, **done.bad}, listing.links, wanted)
+    for name, target in listing.links.items():  # a link is its target's image, stored once
+        if target in positions:
+            positions[name] = positions[target]
+    layout, skipped = _drop_bad(layout, bad, path, skip_bad_images=skip_bad_images)
+    splits = {split: (np.array([positions[rel] for rel, _ in items], dtype=np.int64),
+                      np.array([y for _, y in items], dtype=np.int64)) for split, items in layout.splits.items()}
+    return Decoded(layout.classes, n_channels, size, splits, skipped=skipped, pool=done.writer)
+
+
+class _Pass:
+    """One decoding pass: images in, pixels into a shard writer, in the order added. With ``size`` None, at
+    the first image's own square size while every image agrees; at the first that does not, the pass has
+    ``failed``: what it wrote is dropped and from there on it reads only headers (for choosing the size)."""
+
+    def __init__(self, store, size: int | None, channels: int | None, progress: bool, total: int | None,
+                 archive: bool):
+        self.store, self.channels, self.archive, self.progress = store, channels, archive, progress
+        self.decoder = Decoder(size=size, channels=channels, progress=progress, total=total)
+        self.prober: Decoder | None = None
+        self.writer = None
+        self.failed = False
+        self.positions: dict[str, int] = {}
+        self.headers: dict[str, DecodedImage] = {}  # without pixels: grey, width, height, error
+        self.bad: dict[str, str] = {}
+
+    def add(self, rel: str, label: str, src: str | bytes) -> None:
+        self._collect((self.prober or self.decoder).add(rel, label, src))
+
+    def finish(self) -> None:
+        self._collect(self.decoder.finish())
+        if self.prober is not None:
+            self._collect(self.prober.finish())
+        if self.writer is not None:
+            self.writer.close()
+
+    def narrow_to_grey(self) -> None:
+        """Every image was grey: keep one of the three equal channels."""
+        rows, grey = self.writer.rows(), self.store.writer((*self.writer.shape[:2], 1))
+        for start in range(0, len(rows), 4096):
+            grey.extend(rows[start:start + 4096][..., :1])
+        grey.close()
+        self.writer.discard()
+        self.writer = grey
+
+    def _collect(self, results) -> None:
+        for rel, d in results:
+            self.headers[rel] = d._replace(pixels=None)
+            if d.error:
+                self.bad[rel] = d.error
+            elif self.failed:
+                continue
+            elif d.pixels is None:  # not the first image's size: a second pass will decode
+                self._fail()
+            else:
+                if self.writer is None:
+                    side = d.pixels.shape[0]
+                    self.writer = self.store.writer((side, side, self.channels or 3))
+                self.positions[rel] = self.writer.append(d.pixels)
+
+    def _fail(self) -> None:
+        self.failed = True
+        if self.writer is not None:
+            self.writer.discard()
+            self.writer = None
+        self.positions.clear()
+        # header reads of an archive's members are cheaper here than shipping their bytes to a worker
+        self.prober = Decoder(size=None, channels=None, progress=self.progress, probe=True,
+                              workers=1 if self.archive else None)
+        for rel, label, src in self.decoder.take_pending():  # not decoded yet: their headers will do
+            self._collect(self.prober.add(rel, label, src))
+
+
+def _bad(headers: dict, bad: dict[str, str], links: dict[str, str], wanted: list[str]) -> dict[str, str]:
+    """The unreadable images among ``wanted``: errors of their own, or of the image a link points to."""
+    out = {}
+    for rel in wanted:
+        target = links.get(rel, rel)
+        if target in bad:
+            out[rel] = bad[target]
+        elif headers.get(rel) is None:
+            out[rel] = f"{rel}: not read"
+    return out
 
 
 def walk(root: Path) -> tuple[list[str], list[str]]:
@@ -223,10 +327,22 @@ def _member_label(archive: Path, name: str) -> str:
     return f"{archive} entry {name}"
 
 
-def _read_archive(path: Path, decoder: Decoder) -> tuple[dict[str, bytes], list[str], list[str]]:
-    """Read an archive once, handing each image to ``decoder`` as it comes, so reading overlaps decoding.
-    -> (sources {relpath: bytes}, file list, folder list)."""
-    sources: dict[str, bytes] = {}
+@dataclass
+class _Listing:
+    files: list[str]                  # relative POSIX paths, links to images included
+    dirs: list[str]
+    links: dict[str, str]             # an archive's links to images -> their target
+    archive: bool = False
+
+
+def _list_dir(path: Path) -> _Listing:
+    files, dirs = walk(path)
+    return _Listing(files, dirs, {})
+
+
+def _read_archive(path: Path, decode: _Pass) -> _Listing:
+    """One pass over an archive: its members and links listed, every image handed to ``decode`` as it comes
+    (reading overlaps decoding; the bytes are not kept)."""
     files, dirs, links = [], [], {}
     for entry in iter_archive(path):
         if any(_hidden(p) for p in entry.name.split("/")):
@@ -238,63 +354,42 @@ def _read_archive(path: Path, decoder: Decoder) -> tuple[dict[str, bytes], list[
         else:
             files.append(entry.name)
             if _is_image(entry.name):
-                sources[entry.name] = entry.data
-                decoder.add(entry.name, _member_label(path, entry.name), entry.data)
-    # Links to images inside the archive become copies of their target (targets may come later).
-    for name, target in links.items():
-        if _is_image(name) and target in sources:
-            sources[name] = sources[target]
-            files.append(name)
-            decoder.add(name, _member_label(path, name), sources[name])
-    return sources, files, dirs
+                decode.add(entry.name, _member_label(path, entry.name), entry.data)
+    images = {f for f in files if _is_image(f)}
+    # Links to images inside the archive stand for their target (targets may come later).
+    links = {name: target for name, target in links.items() if _is_image(name) and target in images}
+    return _Listing(files + list(links), dirs, links, archive=True)
 
 
-def _assemble(layout: Layout, results: dict[str, DecodedImage], sources: dict[str, str | bytes], path: Path,
-              *, image_size: int | None, channels: int | None, skip_bad_images: bool, progress: bool
-              ) -> Decoded:
-    """Decoded images + layout -> arrays per split, after dealing with bad files and choosing the size."""
-    layout, bad = _drop_bad(layout, results, path, skip_bad_images=skip_bad_images)
-    used = [rel for items in layout.splits.values() for rel, _ in items]
-    size = image_size
-    if size is None:
-        size = _default_size([results[rel] for rel in used], path)
-        if any(results[rel].pixels is None or results[rel].width != size for rel in used):
-            # Second pass at the chosen size, from the files on disk or the archive bytes kept in memory.
-            with Decoder(size=size, channels=channels, progress=progress, total=len(used)) as decoder:
-                for rel in used:
-                    label = sources[rel] if isinstance(sources[rel], str) else _member_label(path, rel)
-                    decoder.add(rel, label, sources[rel])
-                results = decoder.finish()
-            layout, _ = _drop_bad(layout, results, path, skip_bad_images=False)  # cannot fail twice
-
-    n_channels = channels or (1 if all(results[rel].grey for rel in used) else 3)
-    arrays = {}
-    for split, items in layout.splits.items():
-        x = np.empty((len(items), size, size, n_channels), dtype=np.uint8)
-        for i, (rel, _) in enumerate(items):
-            x[i] = results[rel].pixels  # a grey (S, S, 1) image broadcasts into 3 equal channels
-        arrays[split] = (x, np.array([y for _, y in items], dtype=np.int64))
-    return Decoded(layout.classes, n_channels, size, arrays, skipped=bad)
+def _sources(path: Path, wanted: set[str]):
+    """(relpath, label, path or bytes) of the wanted images: a folder's in sorted order, an archive's in
+    stored order (read again, one member at a time)."""
+    if path.is_dir():
+        for rel in sorted(wanted):
+            yield rel, str(path / rel), str(path / rel)
+        return
+    for entry in iter_archive(path):
+        if entry.kind == "file" and entry.name in wanted:
+            yield entry.name, _member_label(path, entry.name), entry.data
 
 
-def _drop_bad(layout: Layout, results: dict[str, DecodedImage], path: Path, *, skip_bad_images: bool
+def _drop_bad(layout: Layout, bad: dict[str, str], path: Path, *, skip_bad_images: bool
               ) -> tuple[Layout, list[str]]:
     """Raise on the first unreadable image, or leave them all out (with a warning). -> (layout, bad files)"""
-    bad = [rel for items in layout.splits.values() for rel, _ in items if results[rel].error]
-    if not bad:
-        return layout, bad
+    bad_files = [rel for items in layout.splits.values() for rel, _ in items if rel in bad]
+    if not bad_files:
+        return layout, bad_files
     if not skip_bad_images:
-        more = f" ({len(bad)} unreadable files in all)" if len(bad) > 1 else ""
-        raise ImgclfError(f"{results[bad[0]].error}{more}; or pass --skip-bad-images to leave such files out")
-    warn(f"skipped {len(bad)} unreadable image(s) in {path}, e.g. {bad[0]} (listed in Dataset.skipped)")
-    bad_set = set(bad)
-    splits = {s: [(rel, y) for rel, y in items if rel not in bad_set] for s, items in layout.splits.items()}
+        more = f" ({len(bad_files)} unreadable files in all)" if len(bad_files) > 1 else ""
+        raise ImgclfError(f"{bad[bad_files[0]]}{more}; or pass --skip-bad-images to leave such files out")
+    warn(f"skipped {len(bad_files)} unreadable image(s) in {path}, e.g. {bad_files[0]} (listed in Dataset.skipped)")
+    splits = {s: [(rel, y) for rel, y in items if rel not in bad] for s, items in layout.splits.items()}
     main = "train" if "train" in splits else "all"
     empty = sorted(set(range(len(layout.classes))) - {y for _, y in splits[main]})
     if empty:
         raise ImgclfError(f"class {layout.classes[empty[0]]!r} in {path} has no readable images left after "
                           "skipping bad files; add some or remove its folder")
-    return Layout(layout.classes, splits, layout.ignored), bad
+    return Layout(layout.classes, splits, layout.ignored), bad_files
 
 
 def _default_size(images: list[DecodedImage], path: Path) -> int:

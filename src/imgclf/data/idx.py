@@ -45,9 +45,11 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def load_idx_folder(path: Path, *, classes: tuple[str, ...] = MNIST_CLASSES, image_size: int | None = None,
-                    channels: int | None = None, skip_bad_images: bool = False, progress: bool = True) -> Decoded:
+                    channels: int | None = None, skip_bad_images: bool = False, progress: bool = True,
+                    store=None) -> Decoded:
     """A folder with the four (MNIST-named) IDX files -> Decoded train/test, greyscale unless asked for RGB.
-    ``skip_bad_images`` is accepted for a uniform parser signature: IDX files hold no image files to skip."""
+    ``skip_bad_images`` and ``store`` are accepted for a uniform parser signature (the cache stores the
+    arrays returned): IDX files hold no image files to skip."""
     splits = {}
     for split, (images_name, labels_name) in FILES.items():
         images_path, labels_path = _find(path, images_name), _find(path, labels_name)

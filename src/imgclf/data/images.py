@@ -98,26 +98,26 @@ def open_image(source, *, name: str | None = None, min_side: int | None = None) 
         fp = Path(source)
     else:
         raise ImgclfError(f"cannot read an image from a {type(source).__name__}: pass a path, bytes or PIL image")
-    try:
+    with _open_errors(label):
         img = _open_with_hint(fp, label)
         stored = img.size
         if min_side and img.format == "JPEG" and min(stored) >= 2 * min_side:
             img.draft(img.mode, (min_side, min_side))
-    except FileNotFoundError:
-        raise ImgclfError(f"{label}: file not found; check the path") from None
-    except UnidentifiedImageError:
-        raise ImgclfError(f"{label}: not an image file Pillow can read; delete it or replace it "
-                          "with a JPEG/PNG") from None
-    except IsADirectoryError:
-        raise ImgclfError(f"{label}: is a folder, not an image file") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImgclfError(f"{label}: cannot open image ({_reason(e)}); re-save or delete it") from None
     _decode(img, label)
     decoded = img.size
     img = _exif_transpose(img, label, in_place=True)
     if decoded != stored:  # drafted smaller; a rotation by EXIF swaps the stored sides too
         img.info[_STORED_SIZE] = stored if img.size == decoded else stored[::-1]
     return img
+
+
+def image_header(source: str | os.PathLike | bytes, *, name: str | None = None) -> tuple[bool, int, int]:
+    """(greyscale?, width, height) from the file's header alone, without decoding a pixel (sizes as stored,
+    before any EXIF rotation); ImgclfError as :func:`open_image` raises it for a file that is not an image."""
+    label = name or _describe(source)
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
+    with _open_errors(label), _open_with_hint(fp, label) as img:
+        return img.mode in GREY_MODES, *img.size
 
 
 def stored_size(img: Image.Image) -> tuple[int, int]:
@@ -187,6 +187,22 @@ def _open_with_hint(fp, label: str) -> Image.Image:
             if isinstance(fp, io.BytesIO):
                 fp.seek(0)
     return Image.open(fp)
+
+
+@contextlib.contextmanager
+def _open_errors(label: str):
+    """Pillow's errors on opening a file -> ImgclfError naming it and saying what to do."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ImgclfError(f"{label}: file not found; check the path") from None
+    except UnidentifiedImageError:
+        raise ImgclfError(f"{label}: not an image file Pillow can read; delete it or replace it "
+                          "with a JPEG/PNG") from None
+    except IsADirectoryError:
+        raise ImgclfError(f"{label}: is a folder, not an image file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImgclfError(f"{label}: cannot open image ({_reason(e)}); re-save or delete it") from None
 
 
 def _reason(e: BaseException) -> str:

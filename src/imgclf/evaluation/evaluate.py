@@ -12,6 +12,7 @@ again. Every view reads the same :class:`Evaluation`, so no number is computed t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import TTA_MODES
 from ..data.run_data import load_run_data, remap_labels
-from ..data.tensors import to_tensor
+from ..data.tensors import chunks, to_tensor
 from ..errors import ImgclfError
 from ..inference import tta_views
 from ..utils import atomic_write_text
@@ -75,13 +76,13 @@ def compute_evaluation(model: str | Path | Any, data: str | None = None, *, spli
         calibrate_classifier(clf, ds if data is None else None, calibration_data, batch_size=batch_size,
                              progress=progress)
     y = remap_labels(part.y, ds.classes, clf.classes)
-    x = to_tensor(part.x)
-    logits = clf.logits(x, batch_size=batch_size)
+    logits = clf.logits_of(part.x, batch_size=batch_size)  # a chunk of images at a time
     ev = evaluation_from_logits(logits, y, clf.classes, part.x, temperature=clf.meta.get("temperature"))
     if clf.meta.get("temperature"):
         ev.metrics["calibration"]["fitted_on"] = clf.meta.get("temperature_fitted_on")
     if tta is not None:
-        ev.metrics["tta"] = tta_metrics(clf, x, y, tta, batch_size=batch_size, plain_top1=ev.metrics["top1"])
+        ev.metrics["tta"] = tta_metrics(clf.logits, part.x, y, tta, batch_size=batch_size,
+                                        plain_top1=ev.metrics["top1"])
     ev.metrics.update(split=split, data=ds.source, checkpoint=None if clf.path is None else str(clf.path))
     return ev
 
@@ -105,7 +106,7 @@ def calibrate_classifier(clf: Any, ds: Any, calibration_data: str | None, *, bat
     if calibration_data is not None:
         ds = load_run_data(clf, calibration_data, progress=progress)
         parts = [p for p in (ds.train, ds.val, ds.test) if p is not None]
-        x = np.concatenate([p.x for p in parts])
+        logits = torch.cat([clf.logits_of(p.x, batch_size=batch_size) for p in parts])
         y = np.concatenate([remap_labels(p.y, ds.classes, clf.classes) for p in parts])
         where = f"all {len(y):,} images of {ds.source}"
     else:
@@ -114,11 +115,11 @@ def calibrate_classifier(clf: Any, ds: Any, calibration_data: str | None, *, bat
             raise ImgclfError("this run has no validation split (it validated on its test set), so a temperature "
                               "fitted here would be tuned on test data; pass --calibration-data FOLDER with "
                               "held-out labelled images, or train with --val-split 0.1")
-        x, y = ds.val.x, remap_labels(ds.val.y, ds.classes, clf.classes)
+        logits, y = clf.logits_of(ds.val.x, batch_size=batch_size), remap_labels(ds.val.y, ds.classes, clf.classes)
         where = f"the run's validation split ({len(y):,} images)"
     if clf.path is None:
         raise ImgclfError("calibrate needs a checkpoint file to store the temperature in; load one with imgclf.load")
-    t = fit_temperature(clf.logits(to_tensor(x), batch_size=batch_size), y)
+    t = fit_temperature(logits, y)
     ckpt = load_checkpoint(clf.path)
     meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "format_version")}
     meta["temperature"] = t
@@ -128,15 +129,24 @@ def calibrate_classifier(clf: Any, ds: Any, calibration_data: str | None, *, bat
     return {"temperature": t, "fitted_on": where}
 
 
-def tta_metrics(clf: Any, x: torch.Tensor, y: np.ndarray, mode: str, *, batch_size: int,
-                plain_top1: float) -> dict[str, Any]:
-    """Top-1 and loss of the softmax averaged over :func:`tta_views`, next to the plain top-1."""
-    views = tta_views(x, mode)
-    probs = sum(torch.softmax(clf.logits(v, batch_size=batch_size), dim=1).cpu() for v in views) / len(views)
+def tta_metrics(logits: Callable[..., torch.Tensor], images, y: np.ndarray, mode: str, *, batch_size: int,
+                plain_top1: float, plain_logits: torch.Tensor | None = None) -> dict[str, Any]:
+    """Top-1 and loss of the softmax averaged over :func:`tta_views`, next to the plain top-1. ``images``:
+    (N, H, W, C) uint8 (an array or ImageRows), read a chunk at a time; ``logits(views, batch_size=)`` scores
+    a (N, C, H, W) uint8 tensor; ``plain_logits``, when given, stand for the un-augmented view."""
+    probs, n_views = [], 0
+    for start, part in chunks(images, batch_size):
+        x = to_tensor(part)
+        views = tta_views(x, mode)
+        n_views = len(views)
+        p = sum(torch.softmax(plain_logits[start:start + len(x)] if v is x and plain_logits is not None else
+                              logits(v, batch_size=batch_size), dim=1).cpu() for v in views)
+        probs.append(p / n_views)
+    probs = torch.cat(probs) if probs else torch.zeros(0, 1)
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.int64)
     top1 = (probs.argmax(1) == y_t).float().mean().item()
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), y_t).item()
-    return {"mode": mode, "views": len(views), "top1": top1, "loss": loss, "top1_without": plain_top1,
+    return {"mode": mode, "views": n_views, "top1": top1, "loss": loss, "top1_without": plain_top1,
             "gain": top1 - plain_top1}
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..data.shards import select
 from ..errors import ImgclfError
 from ..inference import predict_logits
 from ..utils import resolve_device
@@ -184,10 +185,14 @@ class World:
         total = len(idx)
         denom = float(total) if loss_weight is None else loss_weight[y[idx]].sum()
         key = hashlib.blake2b(f"{seed}/{epoch}/{step}/{self.rank}".encode(), digest_size=8).digest()
-        self._share = Share(idx=idx[self.rank::self.size], loss_scale=self.size / denom,
+        self._share = Share(idx=self.local_rows(idx), loss_scale=self.size / denom,
                             loss_count=total / self.size, total=total, rank=self.rank, size=self.size,
                             seed=int.from_bytes(key, "little") >> 1, device=idx.device)
         return self._share
+
+    def local_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """This process's images of a global batch: every size-th, from its rank (all of them in one process)."""
+        return idx if self.size == 1 else idx[self.rank::self.size]
 
     def average_grads(self, model: nn.Module) -> None:
         """Average gradients over the processes by hand, for steps that bypass DDP (the head-only epochs
@@ -225,7 +230,7 @@ class World:
             dist.broadcast(b, src=0)
         chunk = -(-len(x) // self.size)
         lo, hi = min(self.rank * chunk, len(x)), min((self.rank + 1) * chunk, len(x))
-        local = predict_logits(model, x[lo:hi], *args, **kwargs)
+        local = predict_logits(model, select(x, slice(lo, hi)), *args, **kwargs)  # x: a tensor or ImageRows
         # gathered on the CPU under gloo (it has no CUDA all_gather, should IMGCLF_DIST_BACKEND force it on GPUs)
         padded = local.new_zeros((chunk, local.shape[1]), device=self._device())
         padded[:len(local)] = local

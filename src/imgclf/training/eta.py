@@ -98,7 +98,7 @@ class Eta(Callback):
 def _eval_seconds_per_image(trainer) -> float:
     """Time one evaluation batch of training images, as validation and the final test run them."""
     setup, cfg = trainer.setup, trainer.cfg
-    x = trainer.batches.x[:cfg.eval_batch_size]
+    x = trainer.batches.raw(torch.arange(min(len(trainer.batches), cfg.eval_batch_size)))
     for part in (x[:2], x):  # the first pass in eval mode pays for kernel selection: not timed
         t0 = time.perf_counter()
         predict_logits(setup.model, part, setup.normalizer, batch_size=cfg.eval_batch_size,

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..data.tensors import to_tensor
 from ..evaluation.evaluate import tta_metrics
 from ..evaluation.metrics import evaluation_from_logits
 from ..inference import predict_logits
@@ -73,7 +71,7 @@ def _final_test(t):
         if t.scored_test is not None and t.scored_test[0] == final_epoch:
             logits = t.scored_test[1]  # validated on the test split with these very weights
         else:
-            logits = predict_logits(setup.model, to_tensor(test.x, setup.device), setup.normalizer,
+            logits = predict_logits(setup.model, test.x, setup.normalizer,  # a chunk of images at a time
                                     batch_size=cfg.eval_batch_size, autocast_dtype=setup.autocast_dtype,
                                     channels_last=cfg.channels_last)
         # the report's numbers from these same logits: no second forward pass
@@ -103,11 +101,13 @@ def _test_tta(t, plain_top1: float, plain_logits: torch.Tensor) -> dict[str, Any
     """TTA top-1 on the test split, through the same batched, normalised forward pass; the un-augmented
     view reuses the test logits already computed (tta_views returns the batch itself first)."""
     setup, cfg = t.setup, t.setup.cfg
-    x = to_tensor(setup.ds.test.x, setup.device)
-    scorer = SimpleNamespace(logits=lambda v, batch_size: plain_logits if v is x else predict_logits(
-        setup.model, v, setup.normalizer, batch_size=batch_size, autocast_dtype=setup.autocast_dtype,
-        channels_last=cfg.channels_last))
-    return tta_metrics(scorer, x, setup.ds.test.y, cfg.tta, batch_size=cfg.eval_batch_size, plain_top1=plain_top1)
+
+    def logits(v, batch_size):
+        return predict_logits(setup.model, v, setup.normalizer, batch_size=batch_size,
+                              autocast_dtype=setup.autocast_dtype, channels_last=cfg.channels_last)
+
+    return tta_metrics(logits, setup.ds.test.x, setup.ds.test.y, cfg.tta, batch_size=cfg.eval_batch_size,
+                       plain_top1=plain_top1, plain_logits=plain_logits)
 
 
 def _write_report(t, evaluation) -> None:

@@ -28,6 +28,7 @@ def fit(t) -> str:
     try:
         status = _epochs(t)
     finally:
+        t.setup.batches.close()
         for cb in t.callbacks:
             cb.on_train_end(t, status)
     return status
@@ -45,6 +46,7 @@ def _epochs(t) -> str:
         #    mid-epoch redraws the same permutation
         state.g_shuffle.set_state(state.shuffle_state)
         perm = batches.order(state.g_shuffle)
+        batches.prefetch(perm, state.step, bs, world.local_rows)
         if state.stem_epochs is not None:  # set every epoch, so that a resumed run agrees
             for p in state.stem_params:
                 p.requires_grad_(epoch < state.stem_epochs)

@@ -21,17 +21,18 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..config import TrainConfig, progressive_sizes
 from ..data import Dataset, Preprocess, Split, load_dataset
 from ..data.dataset import split_size
+from ..data.shards import ImageRows, select
 from ..data.split import stratified_split
-from ..data.tensors import Normalizer, channel_stats, to_tensor
+from ..data.tensors import Normalizer, channel_stats, to_device
 from ..errors import ImgclfError
 from ..inference import tta_views
 from ..models import create_model, model_info
 from ..models._base import ImageClassifier
 from ..models.fastnet import VARIANTS as FASTNET_VARIANTS
 from ..recipes import resolve
-from ..utils import resolve_device
+from ..utils import available_memory, resolve_device
 from .augment import ALTERNATING_FLIP, build_augment
-from .batches import InMemoryBatches
+from .batches import InMemoryBatches, StreamedBatches
 from .budget import FIXED_END_SECONDS, measure_and_plan
 from .precision import autocast_dtype
 
@@ -49,8 +50,9 @@ class Setup:
     preprocess: Preprocess                # the normalisation the model always sees (saved in checkpoints)
     normalizer: Normalizer
     autocast_dtype: torch.dtype | None
-    batches: InMemoryBatches              # the training images and how a batch of them is made
-    val_tensors: tuple[torch.Tensor, torch.Tensor] | None  # val images on the device, labels on the CPU
+    batches: InMemoryBatches | StreamedBatches  # the training images and how a batch of them is made
+    # val images (on the device, or ImageRows when streamed), labels on the CPU
+    val_tensors: tuple[torch.Tensor | ImageRows, torch.Tensor] | None
     fine_tuning: bool                     # from pretrained weights or --init-from: BatchNorm statistics stay
     start: str                            # "from scratch", "ImageNet-pretrained", "initialised from ..."
     decode_args: dict                     # how the data was asked for: evaluate/export ask the same way
@@ -95,7 +97,7 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
                           progress=progress)
     if cfg.fraction < 1.0:
         _, keep = stratified_split(ds.train.y, cfg.fraction, np.random.default_rng(cfg.seed))
-        ds.train = Split(ds.train.x[keep], ds.train.y[keep])
+        ds.train = Split(select(ds.train.x, keep), ds.train.y[keep])
         notes.append(f"training on {cfg.fraction:.0%} of the training images ({len(keep):,}), stratified by class")
     notes += _imbalance_notes(cfg, ds.train.y, ds.classes)
     if ds.skipped:
@@ -119,11 +121,17 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
     dtype = autocast_dtype(cfg.precision, device, model)
     model = model.to(device, memory_format=memory_format)
     normalizer = Normalizer(preprocess.mean, preprocess.std, device)
-    batches = InMemoryBatches(
-        to_tensor(ds.train.x, device), torch.from_numpy(ds.train.y).to(device), normalizer,
-        build_augment(cfg.augment, ds.image_size), memory_format, cfg=cfg, image_size=ds.image_size,
-        alternating_flip=cfg.augment in ALTERNATING_FLIP, num_classes=len(ds.classes))
-    val_tensors = None if val is None else (to_tensor(val.x, device), torch.from_numpy(val.y))
+    in_memory = _data_in_memory(cfg.data_in_memory, ds, world, device, notes)
+    source = dict(normalizer=normalizer, augment=build_augment(cfg.augment, ds.image_size),
+                  memory_format=memory_format, cfg=cfg, image_size=ds.image_size,
+                  alternating_flip=cfg.augment in ALTERNATING_FLIP, num_classes=len(ds.classes))
+    y_train = torch.from_numpy(ds.train.y).to(device)
+    if in_memory:
+        batches = InMemoryBatches(to_device(ds.train.x, device), y_train, **source)
+    else:
+        batches = StreamedBatches(ds.train.x, y_train, device=device, **source)
+    val_tensors = None if val is None else (
+        to_device(val.x, device) if in_memory else val.x, torch.from_numpy(val.y))
     pretrained = bool(cfg.pretrained and cfg.pretrained != "none")
     if resume is None and init is None and not pretrained:
         _init_from_data(model, batches, normalizer, cfg.seed)
@@ -187,12 +195,13 @@ def _plan_time_budget(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val,
 
 
 @torch.no_grad()
-def _init_from_data(model: ImageClassifier, batches: InMemoryBatches, normalizer: Normalizer, seed: int) -> None:
+def _init_from_data(model: ImageClassifier, batches: InMemoryBatches | StreamedBatches, normalizer: Normalizer,
+                    seed: int) -> None:
     """Let the model set data-dependent layers (FastNet's patch whitening) from a seeded sample of the
     normalised training images; models without such layers ignore it."""
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(batches), generator=g)[:INIT_SAMPLE].to(batches.x.device)
-    model.init_from_data(normalizer(batches.x[pick]))
+    pick = torch.randperm(len(batches), generator=g)[:INIT_SAMPLE].to(batches.device)
+    model.init_from_data(normalizer(batches.raw(pick)))
 
 
 def _choose_preprocess(ds: Dataset, model: ImageClassifier, init, resume) -> Preprocess:
@@ -207,6 +216,32 @@ def _choose_preprocess(ds: Dataset, model: ImageClassifier, init, resume) -> Pre
     else:
         mean, std = channel_stats(ds.train.x)
     return Preprocess(image_size=ds.image_size, channels=ds.channels, mean=tuple(mean), std=tuple(std))
+
+
+# The decoded images go into memory when they take at most this share of the memory available: training
+# needs the rest (the model, activations, the page cache of the files it reads).
+IN_MEMORY_SHARE = 0.5
+
+
+def _data_in_memory(mode: str, ds: Dataset, world, device: torch.device, notes: list[str]) -> bool:
+    """--data-in-memory: yes, no, or auto (decided from the decoded size and the memory available: the GPU's
+    when training on one; streamed under torchrun, where the page cache holds one copy a machine instead of one
+    a process)."""
+    size = sum(p.x.nbytes for p in (ds.train, ds.val, ds.test) if p is not None)
+    avail = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    where = "GPU memory" if device.type == "cuda" else "memory"
+    gib = f"{size / 2**30:.2f} GiB decoded, {avail / 2**30:.1f} GiB of {where} available"
+    if mode == "auto":
+        if world.size > 1:
+            notes.append(f"data: streamed from the cache ({gib}): the {world.size} processes share its pages")
+            return False
+        in_memory = size <= IN_MEMORY_SHARE * avail
+        notes.append(f"data: {'in memory' if in_memory else 'streamed from the cache'} ({gib}; "
+                     "--data-in-memory yes/no to choose)")
+        return in_memory
+    if mode == "yes" and size > avail:
+        notes.append(f"data: in memory as asked, although it may not fit ({gib})")
+    return mode == "yes"
 
 
 def _imbalance_notes(cfg: TrainConfig, y: np.ndarray, classes: list[str]) -> list[str]:

@@ -34,7 +34,7 @@ from .setup import Setup, prepare
 from .state import TrainState
 
 # Settings a resumed run may change; everything else must match the run's config to resume exactly.
-RESUMABLE_OVERRIDES = {"epochs", "device", "eval_batch_size", "patience"}
+RESUMABLE_OVERRIDES = {"epochs", "device", "eval_batch_size", "patience", "data_in_memory"}
 
 __all__ = ["train", "Trainer", "TrainResult", "Callback"]
 
@@ -47,8 +47,9 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     stop: no run folder is written, and the result's status is ``"dry-run"``.
 
     With ``resume=RUN_FOLDER`` the run's own ``config.toml`` is used; only ``epochs`` (to train longer),
-    ``device``, ``eval_batch_size`` and ``patience`` may be changed. ``time_budget`` counts from ``started``
-    (a ``time.monotonic()`` value; default: this call; the ``imgclf`` command passes its process start)."""
+    ``device``, ``eval_batch_size``, ``patience`` and ``data_in_memory`` may be changed. ``time_budget`` counts
+    from ``started`` (a ``time.monotonic()`` value; default: this call; the ``imgclf`` command passes its
+    process start)."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.toml").is_file() or not (run_dir / "last.safetensors").is_file():
