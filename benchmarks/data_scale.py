@@ -2,7 +2,7 @@
 streamed batch source against the in-memory one on CIFAR-10.
 
     python benchmarks/data_scale.py [--sizes 10000,200000] [--side 64] [--steps 30] [--work DIR]
-                                    [--skip cifar,torchrun]
+                                    [--rounds 2] [--skip scale,cifar,accuracy,torchrun]
 
 1. Synthetic JPEG folders (train/<10 classes>/*.jpg + test/, --side px, smooth colour fields plus noise, so
    decoding costs what a photo's would) are written once with Pillow under --work and reused.
@@ -13,7 +13,7 @@ streamed batch source against the in-memory one on CIFAR-10.
    file pages (the memory-mapped cache, shared between processes and given back under pressure), and the
    peak summed PSS (shared pages divided among the processes that map them).
 3. CIFAR-10 (../shared/datasets/cifar10-jpeg.tar.gz): --steps steps of the default recipe's model in memory
-   and streamed, alternated twice (images/s of the steps after the first five, as a ratio within the run),
+   and streamed, alternated --rounds times (images/s of the steps after the first five, as a ratio within the run),
    then the same short seeded run (10 % of the training images, 2 epochs) both ways: the printed test
    accuracy must agree.
 4. torchrun on the largest folder: 1 process (auto: in memory) against 2 processes (auto: streamed from the
@@ -110,7 +110,7 @@ def _write_part(args) -> None:
     folder, side, start, stop = args
     for i in range(start, stop):
         rng = np.random.default_rng(i)
-        cls, split = i % CLASSES, ("test" if i % 10 == 0 else "train")
+        cls, split = i % CLASSES, ("test" if (i // CLASSES) % 10 == 0 else "train")
         yy, xx = np.mgrid[0:side, 0:side] / side
         base = rng.uniform(0, 255, 3) * (0.5 + 0.5 * np.stack([xx, yy, 1 - xx], -1))
         base[..., cls % 3] += 40 * cls / CLASSES
@@ -226,8 +226,8 @@ def cifar(args, results: dict) -> None:
     home = args.work / "home-cifar"
     env = env_for(home)
     rounds = []
-    for r in range(2):
-        for mode in ("yes", "no"):
+    for r in range(args.rounds):
+        for mode in ("yes", "no") if r % 2 == 0 else ("no", "yes"):
             _, peak, out = run_sampled(child_cmd(args, "train", CIFAR, f"cifar-{mode}", mode), env,
                                        args.work / f"cifar-{mode}-{r}.log")
             ips = json.loads(out.strip().splitlines()[-1])["images_per_s"]
@@ -239,14 +239,16 @@ def cifar(args, results: dict) -> None:
     streamed = [x["images_per_s"] for x in rounds if x["mode"] == "streamed"]
     ratio = sum(streamed) / sum(mem)
     print(f"CIFAR-10 streamed / in memory: {ratio:.3f} (mean of {len(mem)} alternated rounds each)")
+    results["cifar"] = {"rounds": rounds, "streamed_over_in_memory": round(ratio, 3)}
+    if "accuracy" in args.skip:
+        return
     acc = {}
     for mode in ("yes", "no"):
         _, _, out = run_sampled(child_cmd(args, "accuracy", CIFAR, f"cifar-acc-{mode}", mode), env,
                                 args.work / f"cifar-acc-{mode}.log")
         acc[mode] = json.loads(out.strip().splitlines()[-1])["top1"]
     print(f"CIFAR-10 10 %, 2 epochs, seed 0: test top-1 in memory {acc['yes']:.2%}, streamed {acc['no']:.2%}")
-    results["cifar"] = {"rounds": rounds, "streamed_over_in_memory": round(ratio, 3),
-                        "top1_in_memory": acc["yes"], "top1_streamed": acc["no"]}
+    results["cifar"].update(top1_in_memory=acc["yes"], top1_streamed=acc["no"])
 
 
 def torchrun(args, results: dict) -> None:
@@ -275,7 +277,8 @@ def main() -> None:
     p.add_argument("--model", default="fastnet-xs")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--work", type=Path, default=Path("/tmp/imgclf-data-scale"))
-    p.add_argument("--skip", default="")
+    p.add_argument("--rounds", type=int, default=2, help="CIFAR-10 speed rounds (alternated) per side")
+    p.add_argument("--skip", default="", help="parts to leave out: scale, cifar, accuracy, torchrun")
     # child processes only
     p.add_argument("--child", choices=["decode", "train", "accuracy"])
     p.add_argument("--data")
@@ -287,11 +290,12 @@ def main() -> None:
         return child(args)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
-    skip = set(filter(None, args.skip.split(",")))
+    skip = args.skip = set(filter(None, args.skip.split(",")))
     steal0, total0 = cpu_steal()
     results: dict = {"machine": f"{os.cpu_count()} CPUs", "side": args.side, "steps": args.steps,
                      "model": args.model, "batch_size": args.batch_size}
-    scale(args, results)
+    if "scale" not in skip:
+        scale(args, results)
     if "cifar" not in skip:
         cifar(args, results)
     if "torchrun" not in skip:

@@ -16,8 +16,9 @@ the same fixed environment otherwise (threads, ``PYTHONHASHSEED=0``, ``--device 
 - int8:  ``imgclf export`` of the fast run with int8, JSON: agreement, accuracy, logit differences.
 
 From each command's stdout+stderr it keeps the lines that carry numbers, after removing what legitimately
-differs (times in seconds, images/s, ``eta`` lines, temporary paths, source file:line in warnings, dates,
-file sizes: an .onnx file's metadata holds its source path and the run's training seconds), and prints
+differs (times in seconds, images/s, ``eta`` and ``data:`` (memory) lines, temporary paths, source
+file:line in warnings, dates, file sizes: an .onnx file's metadata holds its source path and the run's
+training seconds), and prints
 them as a full-context diff (``-`` old, ``+`` new, ``?`` marks the differing characters) with a verdict:
 SAME or DIFFERENT. Exit status 0 only when every command is SAME. The data are ``../shared/datasets``;
 about 1-2 minutes per side on 2 cores.
@@ -168,7 +169,9 @@ def normalize(text: str, side: Side, photos: Path, scratch: Path) -> list[str]:
         for pattern, repl in subs:
             line = re.sub(pattern, repl, line)
         line = line.rstrip()
-        if re.search(r"\d", line) and not line.startswith("eta "):   # eta: a time forecast, nothing else
+        # eta: a time forecast; "note   data:": the memory free at the time, and whether the images were held
+        # in memory, which must not change a number
+        if re.search(r"\d", line) and not line.startswith(("eta ", "note   data: ")):
             lines.append(line)
     return lines
 

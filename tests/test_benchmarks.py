@@ -50,3 +50,18 @@ def test_train_speed_counts_grouped_convolutions_backward_as_grouped():
             conv(x).sum().backward()
         forward = 2 * 2 * 8 * 8 * 64 * (64 // groups) * 9
         assert counter.get_total_flops() == 3 * forward
+
+
+def test_data_scale_folder_and_process_tree_memory(tmp_path):
+    import os
+
+    from imgclf.data import load_dataset
+
+    ds_mod = _load("data_scale")
+    folder = ds_mod.make_folder(tmp_path, 120, 16)
+    assert ds_mod.make_folder(tmp_path, 120, 16) == folder  # written once, then reused
+    ds = load_dataset(str(folder), progress=False)
+    assert len(ds.classes) == 10 and len(ds.train.y) == 100 and len(ds.test.y) == 20
+    assert ds.image_size == 16 and sorted(set(ds.test.y.tolist())) == list(range(10))
+    m = ds_mod.tree_memory(os.getpid())
+    assert m["anon"] > 10 << 20 and m["pss"] > 0

@@ -299,6 +299,22 @@ def inspect(
 
 
 @app.command()
+def shards(
+    source: Path = typer.Argument(..., help="Image folder (train/<class>/*, test/<class>/*, or <class>/*) or a "
+                                  ".tar/.tar.gz/.zip of one."),
+    out: Path = typer.Argument(..., help="Folder for the shards (empty or new)."),
+    per_shard: int = typer.Option(1000, help="Images per shard."),
+):
+    """Write an image folder as WebDataset-style tar shards (key.jpg + key.cls, split-named), for --data."""
+    from .data.webdataset import write_shards
+
+    info = write_shards(source, out, per_shard=per_shard)
+    splits = ", ".join(f"{k} {v:,}" for k, v in info.items() if k not in ("shards", "classes"))
+    typer.echo(f"wrote {info['shards']} shards to {out} ({splits} images; {info['classes']} classes in "
+               f"{out / 'classes.txt'}); train with --data {out}")
+
+
+@app.command()
 def compare(
     runs: List[str] = typer.Argument(..., help="Run folders."),
     out: Optional[Path] = typer.Option(None, help="Folder for compare.html and compare.png (default: the "

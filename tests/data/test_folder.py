@@ -256,3 +256,59 @@ def test_script_without_main_guard_still_loads(image_tree, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "loaded 13 5"
     assert '__name__ == "__main__"' in proc.stderr
+
+
+def test_decoding_processes_leave_when_their_parent_is_killed(tmp_path):
+    """A process killed outright (out of memory, kill -9) cannot shut its decoding pool down: the workers and
+    the fork server that started them leave on their own instead of waiting for work forever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    image = write_image(tmp_path / "a.png")
+    script = tmp_path / "hold.py"
+    script.write_text("import time\nfrom imgclf.data import decode\n\nif __name__ == '__main__':\n"
+                      "    decode.PARALLEL_MIN, decode.CHUNK = 2, 1\n"
+                      "    d = decode.Decoder(size=8, channels=3, progress=False)\n"
+                      f"    for i in range(6):\n        d.add(str(i), 'a.png', {str(image)!r})\n"
+                      "    time.sleep(2)\n    print('pool', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "pool"
+        family = _descendants(proc.pid)
+        assert len(family) >= 3  # the fork server, its workers (and the resource tracker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in family):
+        time.sleep(0.2)
+    assert not [p for p in family if _alive(p)]
+
+
+def _descendants(pid: int) -> list[int]:
+    import os
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, ValueError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        for kid in children.get(todo.pop(), []):
+            out.append(kid)
+            todo.append(kid)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has left, only its entry is left
+    except OSError:
+        return False

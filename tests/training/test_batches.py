@@ -90,3 +90,38 @@ def test_data_in_memory_takes_yes_no_auto(mode):
 
     with pytest.raises(ImgclfError, match="data_in_memory must be one of auto, yes, no"):
         TrainConfig(data_in_memory=mode)
+
+
+def test_photo_crops_come_from_images_stored_larger(tmp_path):
+    """With the photo augmentation, training crops are cut from the training images decoded PHOTO_MARGIN
+    larger (40 px for a 32 px model), lined up with the 32 px ones; evaluation sees 32 px, as predict does."""
+    from synthetic import colour_folder
+
+    folder = colour_folder(tmp_path / "photos", n_train=12, n_test=4, size=48)
+    kw = dict(model="fastnet-xs", augment="photo", image_size=32, epochs=1, batch_size=8, seed=1, tta="none")
+    run = train_run(folder, tmp_path, name="margin", **kw)
+    assert any(n.startswith("photos: training crops are taken from the images stored at 40px") for n in notes(run))
+    small = imgclf.load_dataset(str(folder), image_size=32, progress=False)
+    big = imgclf.load_dataset(str(folder), image_size=40, progress=False)
+    assert (small.train.y == big.train.y).all() and big.train.x.shape[1:] == (40, 40, 3)
+    # the same images: the 40 px one shrunk to 32 px is close to the 32 px one
+    a = torch.from_numpy(np.asarray(big.train.x)).permute(0, 3, 1, 2).float()
+    b = torch.from_numpy(np.asarray(small.train.x)).permute(0, 3, 1, 2).float()
+    shrunk = torch.nn.functional.interpolate(a, size=(32, 32), mode="bilinear", antialias=True)
+    assert (shrunk - b).abs().mean() < 4
+    streamed = train_run(folder, tmp_path, name="margin-streamed", data_in_memory="no", **kw)
+    assert same(weights(run.run_dir), weights(streamed.run_dir))
+    # photos no larger than the margin: nothing stored twice
+    plain = train_run(colour_folder(tmp_path / "small", n_train=12, n_test=4, size=36), tmp_path, name="plain", **kw)
+    assert not any(n.startswith("photos:") for n in notes(plain))
+
+
+def test_random_resized_crop_comes_out_at_the_asked_size():
+    from imgclf.training.augment import build_augment, random_resized_crop
+
+    x = torch.rand(3, 3, 40, 40)
+    assert random_resized_crop(x, torch.Generator().manual_seed(0), size=32).shape == (3, 3, 32, 32)
+    assert build_augment("photo", 32)(x, torch.Generator()).shape == (3, 3, 32, 32)
+    # at the input's own size, the crop is what it always was
+    same_size = random_resized_crop(x[..., :32, :32], torch.Generator().manual_seed(0))
+    assert torch.equal(same_size, random_resized_crop(x[..., :32, :32], torch.Generator().manual_seed(0), size=32))

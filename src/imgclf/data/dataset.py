@@ -1,11 +1,13 @@
-"""The in-memory dataset handed to training, and load_dataset, the one way to get one.
+"""The dataset handed to training, and load_dataset, the one way to get one.
 
     ds = load_dataset("../shared/datasets/cifar10-jpeg.tar.gz", val_split=0.1)
-    ds.train.x.shape, ds.classes        # (45000, 32, 32, 3) uint8, ['airplane', ..., 'truck']
+    ds.train.x.shape, ds.classes        # (45000, 32, 32, 3) uint8 ImageRows, ['airplane', ..., 'truck']
 
-``data`` is a built-in name (see builtin.BUILTINS), the official CIFAR-10 archive or folder, or an image
-folder (a directory or a .tar/.tar.gz/.tgz/.zip of one). Decoded arrays are cached on disk (cache.py);
-the val/test fractions are applied after the cache, so changing them costs no decoding.
+``data`` is a built-in name (see builtin.BUILTINS), the official CIFAR-10 archive or folder, an image
+folder (a directory or a .tar/.tar.gz/.tgz/.zip of one), or WebDataset-style shards (a folder of them, or a
+brace pattern such as ``shards/train-{000000..000009}.tar``; see webdataset.py). Decoded images are cached on
+disk and memory-mapped (cache.py, shards.py); the val/test fractions are applied after the cache, as lazy
+views of it, so changing them costs no decoding.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .idx import is_idx_folder, load_idx_folder
 from .notify import note
 from .shards import ImageRows
 from .split import stratified_split
+from .webdataset import is_shard_folder, is_shard_pattern, load_shards, shard_files
 
 
 @dataclass
@@ -114,6 +117,9 @@ def _resolve(data, *, download: bool, progress: bool) -> tuple[str, Path, Callab
         entry = BUILTINS[text.lower()]
         path = builtin_source(entry.name, download=download, progress=progress)
         return entry.name, path.resolve(), entry.parser, f"builtin:{entry.name}"
+    if is_shard_pattern(text):  # WebDataset-style shards named by a brace pattern
+        folder, _ = shard_files(text)
+        return folder.name, folder, lambda _, **kw: load_shards(text, **kw), f"webdataset:{text}"
     path = Path(text).expanduser()
     if not path.exists():
         if "/" in text or os.sep in text or "." in text:
@@ -138,6 +144,8 @@ def _detect_parser(path: Path) -> Callable[..., Decoded]:
         return load_cifar100
     if is_idx_folder(path):
         return load_idx_folder
+    if is_shard_folder(path):
+        return load_shards
     return load_folder
 
 

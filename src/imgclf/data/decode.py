@@ -17,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from collections import deque
 from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -158,7 +161,9 @@ class Decoder:
         if self._pool is None:
             if len(self._pending) < PARALLEL_MIN and self._pending_bytes < START_BYTES:
                 return []
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=_fork_context(), initializer=_lower_priority)
+            context = _fork_context()
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=context, initializer=_worker_start,
+                                             initargs=(os.getpid(), context is not None))
         if not full:
             return []
         while self._pending:
@@ -266,6 +271,29 @@ def preprocess_arrays(x: np.ndarray, size: int, channels: int, *, progress: bool
         img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
         out[i] = to_array(resize_center_crop(to_channels(img, channels), size))
     return out
+
+
+def _worker_start(parent: int, fork_server: bool) -> None:
+    _lower_priority()
+    threading.Thread(target=_exit_with, args=(parent, fork_server), name="imgclf-parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int, fork_server: bool) -> None:
+    """Leave once the process that started the decoding is gone. Killed outright (out of memory, kill -9), it
+    cannot shut its pool down, and Python's fork server and its workers would wait for work forever, holding
+    a few hundred MB; the fork server, which only this process used, goes too."""
+    while True:
+        time.sleep(1)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            server = os.getppid()
+            if fork_server and server not in (1, parent):
+                with contextlib.suppress(OSError):
+                    os.kill(server, signal.SIGKILL)
+            os._exit(1)
+        except PermissionError:  # the pid now belongs to another user's process: ours is gone
+            os._exit(1)
 
 
 def _lower_priority() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import posixpath
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,51 +49,67 @@ class Layout:
 
 def load_folder(path: Path, *, image_size: int | None, channels: int | None, skip_bad_images: bool,
                 progress: bool, store) -> Decoded:
-    """Decode an image folder (a directory or an archive of one) into ``store``'s shards, one image at a time.
+    """Decode an image folder (a directory or an archive of one) into ``store``'s shards (see decode_images)."""
+    options = dict(image_size=image_size, channels=channels, skip_bad_images=skip_bad_images, progress=progress)
+    if path.is_dir():
+        files, dirs = walk(path)
+        layout = scan_layout(files, dirs, where=str(path))
+        wanted = {rel for items in layout.splits.values() for rel, _ in items}
+        return decode_images(path, store, _sources(path, wanted), lambda: (layout, {}),
+                             lambda keep: _sources(path, keep), total=len(wanted), archive=False, **options)
+    listing = _Listing([], [], {})
 
-    One pass decodes every image (an archive's in stored order, read member by member); without a size, at
-    the first image's own size while every image is square and that size. Where they are not (photos), the
-    pass reads only headers from there on, the size is chosen from them, and a second pass decodes. Without
-    a channel count, images are stored in colour, grey ones in three equal channels, and narrowed to one
-    channel when every image turned out grey."""
-    listing = _list_dir(path) if path.is_dir() else None
-    layout = None if listing is None else scan_layout(listing.files, listing.dirs, where=str(path))
-    wanted = None if layout is None else [rel for items in layout.splits.values() for rel, _ in items]
-    first = _Pass(store, image_size, channels, progress, total=None if wanted is None else len(wanted),
-                  archive=listing is None)
-    if listing is None:
-        listing = _read_archive(path, first)
-        layout = scan_layout(listing.files, listing.dirs, where=str(path))
-        wanted = [rel for items in layout.splits.values() for rel, _ in items]
-    else:
-        for rel, label, src in _sources(path, set(wanted)):
-            first.add(rel, label, src)
+    def layout_of():
+        return scan_layout(listing.files, listing.dirs, where=str(path)), listing.links
+
+    return decode_images(path, store, _archive_images(path, listing), layout_of, lambda keep: _sources(path, keep),
+                         total=None, archive=True, **options)
+
+
+def decode_images(where: Path, store, images: Iterable[tuple[str, str, str | bytes]],
+                  layout_of: Callable[[], tuple[Layout, dict[str, str]]],
+                  again: Callable[[set[str]], Iterable[tuple[str, str, str | bytes]]], *, total: int | None,
+                  archive: bool, image_size: int | None, channels: int | None, skip_bad_images: bool,
+                  progress: bool) -> Decoded:
+    """Decode ``images`` ((relpath, label for messages, path or bytes), read once) into ``store``'s shards.
+
+    One pass decodes every image in the order given; without a size, at the first image's own size while
+    every image is square and that size. Where they are not (photos), the pass reads only headers from there
+    on, the size is chosen from them, and ``again(relpaths)`` reads the images for a second pass. Without a
+    channel count, images are stored in colour, grey ones in three equal channels, and narrowed to one
+    channel when every image turned out grey. ``layout_of()``, called after the first pass, says which images
+    belong to which split and class, and which relpaths are links to another image (stored once)."""
+    first = _Pass(store, image_size, channels, progress, total=total, archive=archive)
+    for rel, label, src in images:
+        first.add(rel, label, src)
     first.finish()
+    layout, links = layout_of()
     if layout.ignored:
-        note(f"ignored {len(layout.ignored)} non-image file(s) in {path}, e.g. {layout.ignored[0]}")
+        note(f"ignored {len(layout.ignored)} non-image file(s) in {where}, e.g. {layout.ignored[0]}")
+    wanted = [rel for items in layout.splits.values() for rel, _ in items]
 
     done = first
-    headers = {rel: first.headers.get(listing.links.get(rel, rel)) for rel in wanted}
+    headers = {rel: first.headers.get(links.get(rel, rel)) for rel in wanted}
     readable = [h for h in headers.values() if h is not None and not h.error]
     if not readable:  # nothing decodes: say why
-        _drop_bad(layout, _bad(headers, first.bad, listing.links, wanted), path, skip_bad_images=skip_bad_images)
+        _drop_bad(layout, _bad(headers, first.bad, links, wanted), where, skip_bad_images=skip_bad_images)
     n_channels = channels or (1 if all(h.grey for h in readable) else 3)
     if first.failed:  # sizes vary: decode again at the size chosen from the headers
-        size = image_size or _default_size(readable, path)
-        done = _Pass(store, size, n_channels, progress, total=len(readable), archive=listing.archive)
-        keep = {listing.links.get(rel, rel) for rel, h in headers.items() if h is not None and not h.error}
-        for rel, label, src in _sources(path, keep):
+        size = image_size or _default_size(readable, where)
+        done = _Pass(store, size, n_channels, progress, total=len(readable), archive=archive)
+        keep = {links.get(rel, rel) for rel, h in headers.items() if h is not None and not h.error}
+        for rel, label, src in again(keep):
             done.add(rel, label, src)
         done.finish()
     elif n_channels == 1 and done.writer.shape[-1] == 3:
         done.narrow_to_grey()
     size = done.writer.shape[0]
 
-    positions, bad = done.positions, _bad(headers, {**first.bad, **done.bad}, listing.links, wanted)
-    for name, target in listing.links.items():  # a link is its target's image, stored once
+    positions, bad = done.positions, _bad(headers, {**first.bad, **done.bad}, links, wanted)
+    for name, target in links.items():  # a link is its target's image, stored once
         if target in positions:
             positions[name] = positions[target]
-    layout, skipped = _drop_bad(layout, bad, path, skip_bad_images=skip_bad_images)
+    layout, skipped = _drop_bad(layout, bad, where, skip_bad_images=skip_bad_images)
     splits = {split: (np.array([positions[rel] for rel, _ in items], dtype=np.int64),
                       np.array([y for _, y in items], dtype=np.int64)) for split, items in layout.splits.items()}
     return Decoded(layout.classes, n_channels, size, splits, skipped=skipped, pool=done.writer)
@@ -332,33 +348,27 @@ class _Listing:
     files: list[str]                  # relative POSIX paths, links to images included
     dirs: list[str]
     links: dict[str, str]             # an archive's links to images -> their target
-    archive: bool = False
 
 
-def _list_dir(path: Path) -> _Listing:
-    files, dirs = walk(path)
-    return _Listing(files, dirs, {})
-
-
-def _read_archive(path: Path, decode: _Pass) -> _Listing:
-    """One pass over an archive: its members and links listed, every image handed to ``decode`` as it comes
-    (reading overlaps decoding; the bytes are not kept)."""
-    files, dirs, links = [], [], {}
+def _archive_images(path: Path, listing: _Listing):
+    """An archive's images, read member by member (the bytes are not kept); its members and links are listed
+    into ``listing`` on the way."""
+    files, links = [], {}
     for entry in iter_archive(path):
         if any(_hidden(p) for p in entry.name.split("/")):
             continue
         if entry.kind == "dir":
-            dirs.append(entry.name)
+            listing.dirs.append(entry.name)
         elif entry.kind == "link":
             links[entry.name] = entry.target
         else:
             files.append(entry.name)
             if _is_image(entry.name):
-                decode.add(entry.name, _member_label(path, entry.name), entry.data)
+                yield entry.name, _member_label(path, entry.name), entry.data
     images = {f for f in files if _is_image(f)}
     # Links to images inside the archive stand for their target (targets may come later).
-    links = {name: target for name, target in links.items() if _is_image(name) and target in images}
-    return _Listing(files + list(links), dirs, links, archive=True)
+    listing.links.update({name: target for name, target in links.items() if _is_image(name) and target in images})
+    listing.files.extend(files + list(listing.links))
 
 
 def _sources(path: Path, wanted: set[str]):

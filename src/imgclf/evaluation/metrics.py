@@ -50,7 +50,7 @@ class Evaluation:
     metrics: dict[str, Any]   # what `imgclf evaluate --json` prints and evaluation.json holds
     probs: np.ndarray         # (N, K) float32 softmax, calibrated with the checkpoint's temperature if it has one
     y: np.ndarray             # (N,) int64 true labels (indices into classes)
-    images: np.ndarray        # (N, H, W, C) uint8: the split as decoded (a view, never copied)
+    images: np.ndarray        # (N, H, W, C) uint8: the split as decoded (ImageRows: read only where drawn)
     classes: list[str]
 
     @property

@@ -117,11 +117,14 @@ class FastNet(ImageClassifier):
         """Set the first layer from normalised training images (N, C, H, W): filters are the covariance
         eigenvectors of all 2x2 patches, scaled by 1/sqrt(eigenvalue), and their negations."""
         k = WHITEN_KERNEL
-        x = x.float()
         c = x.shape[1]
-        patches = x.unfold(2, k, 1).unfold(3, k, 1)                   # N, C, H', W', k, k
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
-        cov = patches.T @ patches / len(patches)
+        cov, count = torch.zeros(c * k * k, c * k * k, dtype=torch.float64, device=x.device), 0
+        for part in x.split(256):  # 256 images at a time: all 5,000 at 64 px would take 2 GB as float64 patches
+            patches = part.float().unfold(2, k, 1).unfold(3, k, 1)   # N, C, H', W', k, k
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k).double()
+            cov += patches.T @ patches
+            count += len(patches)
+        cov /= count
         eigval, eigvec = torch.linalg.eigh(cov)
         filters = (eigvec.T / torch.sqrt(eigval.clamp_min(0) + eps)[:, None]).reshape(-1, c, k, k)
         weight = torch.cat((filters, -filters)).to(self.whiten.weight)

@@ -100,12 +100,13 @@ def random_rotate_zoom(x: torch.Tensor, generator: torch.Generator, degrees: flo
 
 
 def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.35, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), size: int | None = None) -> torch.Tensor:
     """Inception-style crop: each image shows a random box covering ``scale`` of its area with aspect
-    ratio in ``ratio`` (log-uniform), resized back to the full size (bilinear). The box always fits: its
-    sides are clipped to the image, then its centre is drawn where it stays inside. One affine_grid +
-    grid_sample for the whole batch; the stored images were already resized (shorter side) and
-    centre-cropped once, so this is the photo-style augmentation on top of that."""
+    ratio in ``ratio`` (log-uniform), resized (bilinear) to ``size`` (default: the input's size). The box
+    always fits: its sides are clipped to the image, then its centre is drawn where it stays inside. One
+    affine_grid + grid_sample for the whole batch; the stored images were already resized (shorter side) and
+    centre-cropped once, a little larger than ``size`` for photos (see setup.py), so this is the
+    photo-style augmentation on top of that."""
     n = x.shape[0]
     draws = torch.rand(n, 4, generator=generator, device=x.device, dtype=torch.float32)
     area = scale[0] + draws[:, 0] * (scale[1] - scale[0])
@@ -119,7 +120,8 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tupl
     zero = torch.zeros_like(bw)
     theta = torch.stack([torch.stack([bw, zero, cx], 1), torch.stack([zero, bh, cy], 1)], 1)
     work = x if x.dtype == torch.float64 else x.float()
-    grid = F.affine_grid(theta.to(work.dtype), list(work.shape), align_corners=False)
+    shape = list(work.shape[:2]) + [size or work.shape[-2], size or work.shape[-1]]
+    grid = F.affine_grid(theta.to(work.dtype), shape, align_corners=False)
     return F.grid_sample(work, grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
 
 
@@ -161,7 +163,8 @@ def _presets(image_size: int) -> dict[str, Augment]:
         # letters): what the fast recipe uses for greyscale characters such as MNIST.
         "shift": _compose(small_translate),
         # Photos (transfer learning): random-resized crop + flip, as ImageNet-style training does.
-        "photo": _compose(random_resized_crop, random_hflip),
+        # The crop comes out at the model's size, also from images stored larger (PHOTO_MARGIN in setup.py).
+        "photo": _compose(lambda x, g: random_resized_crop(x, g, size=image_size), random_hflip),
     }
 
 

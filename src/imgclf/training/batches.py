@@ -84,7 +84,7 @@ class _Batches:
         return self.y[idx]
 
     def raw(self, idx: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) uint8 images at ``idx``, on the device."""
+        """(N, C, H, W) uint8 images at ``idx``, on the device, at the model's input size."""
         raise NotImplementedError
 
     def images(self, idx: torch.Tensor, epoch: int, generator: torch.Generator, size: int) -> torch.Tensor:
@@ -124,14 +124,18 @@ class _Batches:
 
 
 class InMemoryBatches(_Batches):
-    """The whole training split on the training device as uint8 (N, C, H, W)."""
+    """The whole training split on the training device as uint8 (N, C, H, W); ``big``: the same images
+    stored larger, which training batches are cropped from (photos, see setup.PHOTO_MARGIN)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *args, **kwargs):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *args, big: torch.Tensor | None = None, **kwargs):
         super().__init__(y, *args, device=x.device, **kwargs)
-        self.x = x
+        self.x, self.big = x, big
 
     def raw(self, idx: torch.Tensor) -> torch.Tensor:
         return self.x[idx]
+
+    def _batch(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.x[idx] if self.big is None else self.big[idx]
 
     def _all(self, batch_size: int):
         for i in range(0, len(self.x), batch_size):
@@ -142,9 +146,10 @@ class StreamedBatches(_Batches):
     """The training split stays in the memory-mapped cache; each batch is gathered from it (into pinned
     memory and copied without blocking, on CUDA) by a background thread, PREFETCH batches ahead."""
 
-    def __init__(self, rows: ImageRows, y: torch.Tensor, *args, device: torch.device, **kwargs):
+    def __init__(self, rows: ImageRows, y: torch.Tensor, *args, device: torch.device, big: ImageRows | None = None,
+                 **kwargs):
         super().__init__(y, *args, device=device, **kwargs)
-        self.rows = rows
+        self.rows, self.big = rows, big
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(PREFETCH)
@@ -175,7 +180,7 @@ class StreamedBatches(_Batches):
             if stop.is_set():
                 return
             try:
-                item = (idx, self._load(idx))
+                item = (idx, self._load(idx, self.big))
             except Exception as e:  # noqa: BLE001 -- handed to the training thread, which raises it
                 item = (idx, e)
             while not stop.is_set():
@@ -196,10 +201,10 @@ class StreamedBatches(_Batches):
             if want is not None and len(want) == len(idx) and torch.equal(want, idx.cpu()):
                 return got
             self.close()  # asked for something else than read ahead: read on demand from here
-        return self.raw(idx)
+        return self._load(idx.cpu(), self.big)
 
-    def _load(self, idx: torch.Tensor) -> torch.Tensor:
-        x = torch.from_numpy(self.rows[idx.numpy()])
+    def _load(self, idx: torch.Tensor, rows: ImageRows | None = None) -> torch.Tensor:
+        x = torch.from_numpy((self.rows if rows is None else rows)[idx.numpy()])
         if self.device.type == "cuda":
             x = x.pin_memory()
         return x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)

@@ -21,6 +21,8 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..config import TrainConfig, progressive_sizes
 from ..data import Dataset, Preprocess, Split, load_dataset
 from ..data.dataset import split_size
+from ..data.notify import quiet_notes
+from ..data.probe import probe_images
 from ..data.shards import ImageRows, select
 from ..data.split import stratified_split
 from ..data.tensors import Normalizer, channel_stats, to_device
@@ -95,9 +97,11 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
         ds = load_dataset(cfg.data, image_size=image_size, channels=channels, val_split=cfg.val_split,
                           test_split=cfg.test_split, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
                           progress=progress)
+        big = _photo_margin(cfg, ds, progress, notes)
     if cfg.fraction < 1.0:
         _, keep = stratified_split(ds.train.y, cfg.fraction, np.random.default_rng(cfg.seed))
         ds.train = Split(select(ds.train.x, keep), ds.train.y[keep])
+        big = None if big is None else big.select(keep)
         notes.append(f"training on {cfg.fraction:.0%} of the training images ({len(keep):,}), stratified by class")
     notes += _imbalance_notes(cfg, ds.train.y, ds.classes)
     if ds.skipped:
@@ -121,15 +125,16 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
     dtype = autocast_dtype(cfg.precision, device, model)
     model = model.to(device, memory_format=memory_format)
     normalizer = Normalizer(preprocess.mean, preprocess.std, device)
-    in_memory = _data_in_memory(cfg.data_in_memory, ds, world, device, notes)
+    in_memory = _data_in_memory(cfg.data_in_memory, ds, world, device, notes, extra=0 if big is None else big.nbytes)
     source = dict(normalizer=normalizer, augment=build_augment(cfg.augment, ds.image_size),
                   memory_format=memory_format, cfg=cfg, image_size=ds.image_size,
                   alternating_flip=cfg.augment in ALTERNATING_FLIP, num_classes=len(ds.classes))
     y_train = torch.from_numpy(ds.train.y).to(device)
     if in_memory:
-        batches = InMemoryBatches(to_device(ds.train.x, device), y_train, **source)
+        batches = InMemoryBatches(to_device(ds.train.x, device), y_train,
+                                  big=None if big is None else to_device(big, device), **source)
     else:
-        batches = StreamedBatches(ds.train.x, y_train, device=device, **source)
+        batches = StreamedBatches(ds.train.x, y_train, device=device, big=big, **source)
     val_tensors = None if val is None else (
         to_device(val.x, device) if in_memory else val.x, torch.from_numpy(val.y))
     pretrained = bool(cfg.pretrained and cfg.pretrained != "none")
@@ -218,16 +223,42 @@ def _choose_preprocess(ds: Dataset, model: ImageClassifier, init, resume) -> Pre
     return Preprocess(image_size=ds.image_size, channels=ds.channels, mean=tuple(mean), std=tuple(std))
 
 
+# Photos are stored this much larger than the model's input for the training crops to take from (the 0.875
+# centre crop of timm's and torchvision's ImageNet evaluation, read the other way); validation, test and
+# predict see the input size itself.
+PHOTO_MARGIN = 8 / 7
+
+
+def _photo_margin(cfg: TrainConfig, ds: Dataset, progress: bool, notes: list[str]) -> ImageRows | None:
+    """With the photo augmentation, on photos at least that large: the training images again, decoded
+    PHOTO_MARGIN larger (their own cache entry, split by the same seed), aligned with ``ds.train``; the
+    random-resized crops are taken from them. None otherwise."""
+    side = round(ds.image_size * PHOTO_MARGIN / 8) * 8
+    if cfg.augment != "photo" or (probe_images(cfg.data).side or 0) < side:
+        return None
+    with quiet_notes():  # the first load said it all
+        big = load_dataset(cfg.data, image_size=side, channels=ds.channels, val_split=cfg.val_split,
+                           test_split=cfg.test_split, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
+                           progress=progress)
+    if len(big.train.y) != len(ds.train.y) or (big.train.y != ds.train.y).any():  # a file changed in between
+        notes.append(f"photos: the training images at {side}px do not line up with those at {ds.image_size}px; "
+                     "cropping from the latter")
+        return None
+    notes.append(f"photos: training crops are taken from the images stored at {side}px; validation and test "
+                 f"see {ds.image_size}px, as predict does")
+    return big.train.x
+
+
 # The decoded images go into memory when they take at most this share of the memory available: training
 # needs the rest (the model, activations, the page cache of the files it reads).
 IN_MEMORY_SHARE = 0.5
 
 
-def _data_in_memory(mode: str, ds: Dataset, world, device: torch.device, notes: list[str]) -> bool:
+def _data_in_memory(mode: str, ds: Dataset, world, device: torch.device, notes: list[str], extra: int = 0) -> bool:
     """--data-in-memory: yes, no, or auto (decided from the decoded size and the memory available: the GPU's
     when training on one; streamed under torchrun, where the page cache holds one copy a machine instead of one
-    a process)."""
-    size = sum(p.x.nbytes for p in (ds.train, ds.val, ds.test) if p is not None)
+    a process). ``extra``: bytes of other images training holds (photos stored larger)."""
+    size = extra + sum(p.x.nbytes for p in (ds.train, ds.val, ds.test) if p is not None)
     avail = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
     where = "GPU memory" if device.type == "cuda" else "memory"
     gib = f"{size / 2**30:.2f} GiB decoded, {avail / 2**30:.1f} GiB of {where} available"
@@ -239,8 +270,8 @@ def _data_in_memory(mode: str, ds: Dataset, world, device: torch.device, notes: 
         notes.append(f"data: {'in memory' if in_memory else 'streamed from the cache'} ({gib}; "
                      "--data-in-memory yes/no to choose)")
         return in_memory
-    if mode == "yes" and size > avail:
-        notes.append(f"data: in memory as asked, although it may not fit ({gib})")
+    fits = "" if mode == "no" or size <= avail else ", although it may not fit"
+    notes.append(f"data: {'in memory' if mode == 'yes' else 'streamed from the cache'} as asked{fits} ({gib})")
     return mode == "yes"
 
 
