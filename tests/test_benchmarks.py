@@ -52,12 +52,14 @@ def test_train_speed_counts_grouped_convolutions_backward_as_grouped():
         assert counter.get_total_flops() == 3 * forward
 
 
-def test_data_scale_folder_and_process_tree_memory(tmp_path):
+def test_data_scale_folder_and_process_tree_memory(tmp_path, monkeypatch):
     import os
+    import sys
 
     from imgclf.data import load_dataset
 
     ds_mod = _load("data_scale")
+    monkeypatch.setitem(sys.modules, "data_scale", ds_mod)  # its writer processes find _write_part by name
     folder = ds_mod.make_folder(tmp_path, 120, 16)
     assert ds_mod.make_folder(tmp_path, 120, 16) == folder  # written once, then reused
     ds = load_dataset(str(folder), progress=False)
