@@ -161,3 +161,38 @@ def test_iter_archive_streams_checked_names(image_tree, tmp_path):
     dest = make_tar(image_tree(SPEC), tmp_path / "s.tar.gz", mode="w:gz")
     names = {e.name for e in iter_archive(dest) if e.kind == "file"}
     assert "train/cat/0.png" in names and all(not n.startswith((".", "/")) for n in names)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_oversized_member_is_refused_before_it_is_read(tmp_path, monkeypatch, kind):
+    from imgclf.data import archives
+
+    monkeypatch.setattr(archives, "MEMBER_MAX", 1 << 20)
+    big = b"\0" * (3 << 20)  # 3 MiB of zeros: a few KB compressed
+    dest = tmp_path / ("bomb.zip" if kind == "zip" else "bomb.tar.gz")
+    if kind == "zip":
+        with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("train/a/0.png", big)
+    else:
+        with tarfile.open(dest, "w:gz") as tar:
+            info = tarfile.TarInfo("train/a/0.png")
+            info.size = len(big)
+            tar.addfile(info, io.BytesIO(big))
+    with pytest.raises(ImgclfError, match=r"bomb\.(zip|tar\.gz): entry train/a/0.png holds 3 MiB, more than the 1 MiB"):
+        list(iter_archive(dest))
+
+
+def test_decompression_bomb_tar_is_refused(tmp_path, monkeypatch):
+    from imgclf.data import archives
+
+    monkeypatch.setattr(archives, "BOMB_MIN", 1 << 20)
+    dest = tmp_path / "bomb.tar.gz"
+    with tarfile.open(dest, "w:gz") as tar:
+        for i in range(4):  # 4 x 1 MiB of zeros: each member is small, the whole expands 1000x
+            info = tarfile.TarInfo(f"train/a/{i}.png")
+            info.size = 1 << 20
+            tar.addfile(info, io.BytesIO(b"\0" * info.size))
+    with pytest.raises(ImgclfError, match="expands to more than .* decompression bomb"):
+        list(iter_archive(dest))
+    monkeypatch.setattr(archives, "BOMB_RATIO", 10 ** 6)  # a tar allowed to expand that much reads fine
+    assert len(list(iter_archive(dest))) == 4

@@ -157,3 +157,16 @@ def test_caller_image_is_not_modified():
     img = Image.new("RGBA", (4, 2), (0, 0, 0, 0))
     load_image(img, 3)
     assert img.mode == "RGBA" and img.size == (4, 2)
+
+
+@pytest.mark.timeout(20)
+def test_fifo_is_refused_not_read(tmp_path):
+    import os
+
+    from imgclf.data.images import image_header
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for read in (lambda: load_image(fifo), lambda: image_header(fifo)):
+        with pytest.raises(ImgclfError, match="photo.jpg: not a regular file"):
+            read()

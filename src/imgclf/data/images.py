@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def open_image(source, *, name: str | None = None, min_side: int | None = None) 
     if isinstance(source, (bytes, bytearray, memoryview)):
         fp = io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
-        fp = Path(source)
+        fp = _regular_file(Path(source), label)
     else:
         raise ImgclfError(f"cannot read an image from a {type(source).__name__}: pass a path, bytes or PIL image")
     with _open_errors(label):
@@ -115,7 +116,8 @@ def image_header(source: str | os.PathLike | bytes, *, name: str | None = None) 
     """(greyscale?, width, height) from the file's header alone, without decoding a pixel (sizes as stored,
     before any EXIF rotation); ImgclfError as :func:`open_image` raises it for a file that is not an image."""
     label = name or _describe(source)
-    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
+    fp = (io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else
+          _regular_file(Path(source), label))
     with _open_errors(label), _open_with_hint(fp, label) as img:
         return img.mode in GREY_MODES, *img.size
 
@@ -187,6 +189,18 @@ def _open_with_hint(fp, label: str) -> Image.Image:
             if isinstance(fp, io.BytesIO):
                 fp.seek(0)
     return Image.open(fp)
+
+
+def _regular_file(path: Path, label: str) -> Path:
+    """``path`` if it is a regular file (or missing: opening says so); a FIFO, device or socket would block or
+    stream forever when read, so it is refused."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return path
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise ImgclfError(f"{label}: not a regular file (a FIFO, device or socket); pass an image file")
+    return path
 
 
 @contextlib.contextmanager
