@@ -170,3 +170,32 @@ def test_fifo_is_refused_not_read(tmp_path):
     for read in (lambda: load_image(fifo), lambda: image_header(fifo)):
         with pytest.raises(ImgclfError, match="photo.jpg: not a regular file"):
             read()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "I-wide", "F", "F-wide", "F-nan"])
+def test_high_bit_depths_convert_a_block_of_rows_at_a_time_to_the_same_pixels(mode, monkeypatch):
+    """Scaled in blocks of rows (memory: a block, not a float64 copy of the scan), with the whole image's
+    range: the pixels equal a conversion of the whole array at once."""
+    from imgclf.data import images
+
+    rng = np.random.default_rng(3)
+    arr = {"I;16": lambda: rng.integers(0, 65536, (90, 77)).astype(np.uint16),
+           "I": lambda: rng.integers(0, 250, (90, 77)).astype(np.int32),
+           "I-wide": lambda: rng.integers(-70000, 90000, (90, 77)).astype(np.int32),
+           "F": lambda: rng.random((90, 77)).astype(np.float32),
+           "F-wide": lambda: (rng.random((90, 77)) * 500 - 100).astype(np.float32),
+           "F-nan": lambda: np.where(rng.random((90, 77)) < 0.01, np.nan, rng.random((90, 77))).astype(np.float32),
+           }[mode]()
+    whole = np.asarray(images._grey_to_l(Image.fromarray(arr)))
+    monkeypatch.setattr(images, "BLOCK_PIXELS", 200)  # 2 rows a block
+    assert (np.asarray(images._grey_to_l(Image.fromarray(arr))) == whole).all()
+    if mode == "I;16":  # scaled, not clipped: 16-bit white is white
+        assert whole.max() == 255 and whole.min() == 0
+
+
+def test_grey_image_in_colour_is_resized_before_its_channels_are_copied():
+    from imgclf.data.images import resize_center_crop, to_pixels
+
+    grey = Image.fromarray(np.random.default_rng(4).integers(0, 256, (91, 37), dtype=np.uint8), "L")
+    expect = np.asarray(resize_center_crop(grey.convert("RGB"), 24))  # the old order: colour, then resize
+    assert (to_pixels(grey, 3, 24) == expect).all() and to_pixels(grey, 1, 24).shape == (24, 24, 1)

@@ -31,7 +31,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import ImgclfError
-from .images import GREY_MODES, image_header, open_image, resize_center_crop, stored_size, to_array, to_channels
+from .images import (
+    GREY_MODES,
+    image_header,
+    open_image,
+    resize_center_crop,
+    stored_size,
+    to_array,
+    to_channels,
+    to_pixels,
+)
 
 # Below this many images, starting worker processes (~0.1 s) costs more than it saves; they start earlier
 # when the images waiting to be decoded hold START_BYTES (large photos from an archive): memory stays bounded.
@@ -82,11 +91,11 @@ def decode_chunk(items: list[tuple[str, str | bytes]], size: int | None,
                 out.append(DecodedImage(grey, w, h, None, None))
                 continue
         try:
-            img = to_channels(img, channels or (1 if grey else 3))
+            pixels = to_pixels(img, channels or (1 if grey else 3), size or w)
         except ImgclfError as e:
             out.append(DecodedImage(grey, w, h, None, f"{label}: {e}"))
             continue
-        out.append(DecodedImage(grey, w, h, to_array(resize_center_crop(img, size or w)), None))
+        out.append(DecodedImage(grey, w, h, pixels, None))
     return out
 
 

@@ -65,7 +65,7 @@ def load_image(source, channels: int = 3, *, name: str | None = None, min_side: 
 
 
 def preprocess_image(source, spec: Preprocess) -> np.ndarray:
-    """load_image + resize per spec -> (H, W, C) uint8. Normalisation happens later, on tensors.
+    """open_image + to_pixels per spec -> (H, W, C) uint8. Normalisation happens later, on tensors.
 
     ``source``: path, bytes, PIL image, or an (H, W[, C]) uint8 array. The resize is ``spec.resize``
     ("shorter-center-crop"): the centred square whose side is the image's shorter side, resized to
@@ -75,8 +75,20 @@ def preprocess_image(source, spec: Preprocess) -> np.ndarray:
         raise ImgclfError(f"unknown resize method {spec.resize!r}: this version knows 'shorter-center-crop'")
     if isinstance(source, np.ndarray):
         source = Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source)
-    img = load_image(source, spec.channels, min_side=spec.image_size)
-    return to_array(resize_center_crop(img, spec.image_size))
+    img = open_image(source, min_side=spec.image_size)
+    try:
+        return to_pixels(img, spec.channels, spec.image_size)
+    except ImgclfError as e:
+        raise ImgclfError(f"{_describe(source)}: {e}") from None
+
+
+def to_pixels(img: Image.Image, channels: int, size: int) -> np.ndarray:
+    """An opened image -> (size, size, channels) uint8: :func:`to_channels`, then :func:`resize_center_crop`.
+    A grey image wanted in colour is resized first and copied into three channels after: the same pixels
+    (a channel copy commutes with the resize), without a full-size RGB copy of a large scan."""
+    if channels == 3 and img.mode in GREY_MODES:
+        return to_array(resize_center_crop(to_channels(img, 1), size).convert("RGB"))
+    return to_array(resize_center_crop(to_channels(img, channels), size))
 
 
 def open_image(source, *, name: str | None = None, min_side: int | None = None) -> Image.Image:
@@ -272,16 +284,36 @@ def _grey_to_l(img: Image.Image) -> Image.Image:
         return white
     if mode == "1":
         return img.convert("L")
-    # High bit depths: Pillow's own convert("L") clips I/I;16 values above 255 to white, so scale here.
+    # High bit depths: Pillow's own convert("L") clips I/I;16 values above 255 to white, so scale here, a
+    # block of rows at a time: a 7k x 7k 16-bit scan as one float64 array (and its temporaries) took 1.6 GB.
     arr = np.asarray(img)
     if mode.startswith("I;16"):
-        out = _scale(arr.astype(np.float64), 65535.0)
+        def scale(block):
+            return _scale(block.astype(np.float64), 65535.0)
     elif mode == "I":
-        out = _scale_by_range(arr.astype(np.float64))
+        scale = _range_scaler(arr.min(initial=0), arr.max(initial=0))
     else:  # "F"
-        arr = np.nan_to_num(arr.astype(np.float64))
-        out = _scale(arr, 1.0) if arr.min(initial=0) >= 0 and arr.max(initial=0) <= 1 else _scale_by_range(arr)
+        lo = min((np.nan_to_num(b.astype(np.float64)).min(initial=0) for b in _row_blocks(arr)), default=0)
+        hi = max((np.nan_to_num(b.astype(np.float64)).max(initial=0) for b in _row_blocks(arr)), default=0)
+        by_range = _range_scaler(lo, hi) if not (lo >= 0 and hi <= 1) else (lambda b: _scale(b, 1.0))
+
+        def scale(block):
+            return by_range(np.nan_to_num(block.astype(np.float64)))
+    out = np.empty(arr.shape, np.uint8)
+    start = 0
+    for block in _row_blocks(arr):
+        out[start:start + len(block)] = scale(block)
+        start += len(block)
     return Image.fromarray(out, "L")
+
+
+BLOCK_PIXELS = 1 << 20  # pixels converted at a time from a high bit depth: 8 MB of float64
+
+
+def _row_blocks(arr: np.ndarray):
+    rows = max(1, BLOCK_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    for start in range(0, len(arr), rows):
+        yield arr[start:start + rows]
 
 
 def _scale(arr: np.ndarray, full: float) -> np.ndarray:
@@ -289,15 +321,16 @@ def _scale(arr: np.ndarray, full: float) -> np.ndarray:
     return np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8)
 
 
-def _scale_by_range(arr: np.ndarray) -> np.ndarray:
+def _range_scaler(lo: float, hi: float):
     """32-bit int / float images have no fixed white: 8-bit data is kept, 16-bit data scaled as such,
-    anything else stretched from its own min..max."""
-    lo, hi = arr.min(initial=0), arr.max(initial=0)
-    if lo >= 0 and hi <= 255:
-        return np.rint(arr).astype(np.uint8)
-    if lo >= 0 and hi <= 65535:
-        return _scale(arr, 65535.0)
-    return _scale(arr - lo, max(hi - lo, 1e-12))
+    anything else stretched from its own min..max (``lo``, ``hi``: the whole image's, with 0 included)."""
+    def scale(block: np.ndarray) -> np.ndarray:
+        if lo >= 0 and hi <= 255:
+            return np.rint(block).astype(np.uint8)
+        if lo >= 0 and hi <= 65535:
+            return _scale(block.astype(np.float64), 65535.0)
+        return _scale(block.astype(np.float64) - lo, max(hi - lo, 1e-12))
+    return scale
 
 
 def _colour_to_rgb(img: Image.Image) -> Image.Image:
