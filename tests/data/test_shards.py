@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from imgclf.data.shards import ImageRows, ShardWriter, open_shards
+from imgclf.data.tensors import chunks
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_lazy_subsets_compose_and_index_like_arrays(stored):
     assert sub.shape == expect.shape and sub.nbytes == expect.nbytes
     assert (np.asarray(sub) == expect).all() and (sub[4] == expect[4]).all()
     assert (sub[:, 1, 2, 0] == expect[:, 1, 2, 0]).all() and (sub[..., 0] == expect[..., 0]).all()
-    assert sum(len(part) for _, part in sub.chunks(16)) == len(expect)
+    assert sum(len(part) for _, part in chunks(sub, 16)) == len(expect)
     with pytest.raises(IndexError):
         sub[len(expect)]
 

@@ -55,14 +55,14 @@ def load_folder(path: Path, *, image_size: int | None, channels: int | None, ski
         files, dirs = walk(path)
         layout = scan_layout(files, dirs, where=str(path))
         wanted = {rel for items in layout.splits.values() for rel, _ in items}
-        return decode_images(path, store, _sources(path, wanted), lambda: (layout, {}),
-                             lambda keep: _sources(path, keep), total=len(wanted), archive=False, **options)
+        return decode_images(path, store, read_images(path, wanted), lambda: (layout, {}),
+                             lambda keep: read_images(path, keep), total=len(wanted), archive=False, **options)
     listing = _Listing([], [], {})
 
     def layout_of():
         return scan_layout(listing.files, listing.dirs, where=str(path)), listing.links
 
-    return decode_images(path, store, _archive_images(path, listing), layout_of, lambda keep: _sources(path, keep),
+    return decode_images(path, store, _archive_images(path, listing), layout_of, lambda keep: read_images(path, keep),
                          total=None, archive=True, **options)
 
 
@@ -261,7 +261,7 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _is_image(relpath: str) -> bool:
+def is_image_path(relpath: str) -> bool:
     return posixpath.splitext(relpath)[1].lower() in IMAGE_SUFFIXES
 
 
@@ -284,7 +284,7 @@ class _Tree:
                 continue
             parent = posixpath.dirname(f)
             self._add_dir(parent)
-            (self.images if _is_image(f) else self.others)[parent].append(f)
+            (self.images if is_image_path(f) else self.others)[parent].append(f)
 
     def _add_dir(self, d: str) -> None:
         while d:
@@ -363,15 +363,15 @@ def _archive_images(path: Path, listing: _Listing):
             links[entry.name] = entry.target
         else:
             files.append(entry.name)
-            if _is_image(entry.name):
+            if is_image_path(entry.name):
                 yield entry.name, _member_label(path, entry.name), entry.data
-    images = {f for f in files if _is_image(f)}
+    images = {f for f in files if is_image_path(f)}
     # Links to images inside the archive stand for their target (targets may come later).
-    listing.links.update({name: target for name, target in links.items() if _is_image(name) and target in images})
+    listing.links.update({name: target for name, target in links.items() if is_image_path(name) and target in images})
     listing.files.extend(files + list(listing.links))
 
 
-def _sources(path: Path, wanted: set[str]):
+def read_images(path: Path, wanted: set[str]):
     """(relpath, label, path or bytes) of the wanted images: a folder's in sorted order, an archive's in
     stored order (read again, one member at a time)."""
     if path.is_dir():

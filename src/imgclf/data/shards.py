@@ -199,11 +199,6 @@ class ImageRows:
         for start in range(0, self._n, 1024):
             yield from self[start:start + 1024]
 
-    def chunks(self, size: int):
-        """(start, images) for consecutive chunks of at most ``size`` images: a streamed pass over all."""
-        for start in range(0, self._n, size):
-            yield start, self[start:start + size]
-
     def _positions(self, key: np.ndarray) -> np.ndarray:
         if key.size and (key.min() < -self._n or key.max() >= self._n):
             raise IndexError(f"index out of range for {self._n} images")

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import ImgclfError
 from .archives import iter_archive
 from .decoded import Decoded
-from .folder import SPLIT_FOLDERS, Layout, _is_image, _sources, decode_images, scan_layout, walk
+from .folder import SPLIT_FOLDERS, Layout, decode_images, is_image_path, read_images, scan_layout, walk
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _SHARD_NAME = re.compile(r"^(train|val|valid|validation|test|all)[-_.]", re.IGNORECASE)
@@ -104,7 +104,7 @@ def load_shards(data: str | Path, *, image_size: int | None, channels: int | Non
                     classes_of[key] = _label(entry.data, path, entry.name)
                 elif ext.lower() == "json" and keep is None:
                     recorded[key] = _origin(entry.data)
-                elif _is_image(entry.name):
+                elif is_image_path(entry.name):
                     images[key] = rel
                     if keep is None or rel in keep:
                         yield rel, f"{path} entry {entry.name}", entry.data
@@ -157,7 +157,7 @@ def write_shards(source: Path, out: Path, *, per_shard: int = 1000) -> dict:
     writers: dict[str, _ShardWriter] = {}
     # a folder's images in its splits' order (so the shards load exactly as the folder), an archive's as stored
     order = ((rel, None, str(source / rel)) for items in layout.splits.values() for rel, _ in items) \
-        if source.is_dir() else _sources(source, set(where))
+        if source.is_dir() else read_images(source, set(where))
     for rel, _, src in order:
         split, label = where[rel]
         if split not in writers:

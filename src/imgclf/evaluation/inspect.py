@@ -130,7 +130,7 @@ def _header_summary(source: Path) -> tuple[dict[str, int], dict[str, int]]:
     from PIL import Image
 
     from ..data.archives import is_archive, iter_archive
-    from ..data.folder import _is_image, walk
+    from ..data.folder import is_image_path, walk
 
     sizes, modes = Counter(), Counter()
 
@@ -147,12 +147,12 @@ def _header_summary(source: Path) -> tuple[dict[str, int], dict[str, int]]:
         if any(f.endswith("batches.meta") for f in files):
             return {"32x32": 60_000}, {"RGB": 60_000}  # the official CIFAR-10 batches: one size by definition
         for rel in files:
-            if _is_image(rel):
+            if is_image_path(rel):
                 add(source / rel)
     elif is_archive(source):
         for entry in iter_archive(source):
             if entry.kind == "file" and entry.name.rsplit("/", 1)[-1] == "batches.meta":
                 return {"32x32": 60_000}, {"RGB": 60_000}
-            if entry.kind == "file" and _is_image(entry.name):
+            if entry.kind == "file" and is_image_path(entry.name):
                 add(io.BytesIO(entry.data))
     return dict(sizes.most_common()), dict(modes.most_common())
