@@ -38,6 +38,7 @@ MEMBER_MAX = 512 << 20
 # a decompression bomb: image archives expand ~1-10x (JPEGs hardly compress; tar headers of small files do).
 BOMB_MIN = 1 << 30
 BOMB_RATIO = 200
+LINK_MAX = 4096  # bytes of a zip symlink's target (PATH_MAX)
 _COMPRESSED = ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open))
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 
@@ -159,6 +160,9 @@ def _iter_zip(path: Path) -> Iterator[ArchiveEntry]:
             if info.is_dir():
                 yield ArchiveEntry(name, "dir")
             elif stat.S_ISLNK(unix_mode):
+                if info.file_size > LINK_MAX:  # a link's data is its target path
+                    raise ImgclfError(f"{path}: entry {name} is marked as a link but holds {info.file_size:,} bytes; "
+                                      "re-create the archive")
                 target = zf.read(info).decode("utf-8", "replace")
                 yield ArchiveEntry(name, "link", target=_safe_target(name, target, path, relative=True))
             else:

@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import stat
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,31 @@ GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;
 # torchvision's default Resize(antialias=True). Bicubic would sharpen slightly; at 32-64 px that only
 # adds ringing.
 RESAMPLE = Image.Resampling.BILINEAR
+
+# The formats imgclf reads. Pillow knows ~50, some of them hand the bytes to outside programs (EPS goes to
+# Ghostscript) or parse rarely used layouts; a file is only ever offered to these decoders. MPO is the
+# JPEG variant many phone cameras write, opened by the JPEG plugin.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+FORMATS_HELP = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+# Bytes one decoded image may take, read from its header (width x height x bytes per pixel of its mode,
+# after any reduced-scale JPEG decode) before a pixel is decoded. The conversions that follow take at
+# most ~2.5x that again (RGBA onto white), so 256 MiB keeps a worst case under 1 GB: a 85-megapixel RGB
+# PNG or a 16-bit 11k x 11k scan still loads. The same budget holds for predict, folders and the server;
+# IMGCLF_MAX_IMAGE_MB raises it. Pillow's own warning past 89 megapixels says less than this budget's error
+# (and would add lines to it), so it is silenced; its hard limit (179 megapixels) still holds.
+MAX_IMAGE_BYTES = 256 * 1024 ** 2
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_BITS_PER_PIXEL = {"1": 1, "L": 8, "P": 8, "LA": 16, "La": 16, "PA": 16, "I;16": 16, "I;16L": 16, "I;16B": 16,
+                   "I;16N": 16, "RGB": 24, "YCbCr": 24, "LAB": 24, "HSV": 24}  # others: 32 (RGBA, CMYK, I, F)
+
+
+class UnsupportedFormat(ImgclfError):
+    """The file is no image in one of :data:`FORMATS` (the server answers 415)."""
+
+
+class ImageTooLarge(ImgclfError):
+    """The image would take more than the decode budget (the server answers 413)."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +112,13 @@ def to_pixels(img: Image.Image, channels: int, size: int) -> np.ndarray:
     """An opened image -> (size, size, channels) uint8: :func:`to_channels`, then :func:`resize_center_crop`.
     A grey image wanted in colour is resized first and copied into three channels after: the same pixels
     (a channel copy commutes with the resize), without a full-size RGB copy of a large scan."""
-    if channels == 3 and img.mode in GREY_MODES:
-        return to_array(resize_center_crop(to_channels(img, 1), size).convert("RGB"))
-    return to_array(resize_center_crop(to_channels(img, channels), size))
+    try:
+        if channels == 3 and img.mode in GREY_MODES:
+            return to_array(resize_center_crop(to_channels(img, 1), size).convert("RGB"))
+        return to_array(resize_center_crop(to_channels(img, channels), size))
+    except MemoryError:  # this image's own conversion: the next image may well fit
+        raise ImgclfError(f"out of memory converting this {img.size[0]}x{img.size[1]} image; shrink it, or "
+                          "free memory") from None
 
 
 def open_image(source, *, name: str | None = None, min_side: int | None = None) -> Image.Image:
@@ -114,8 +144,8 @@ def open_image(source, *, name: str | None = None, min_side: int | None = None) 
     with _open_errors(label):
         img = _open_with_hint(fp, label)
         stored = img.size
-        if min_side and img.format == "JPEG" and min(stored) >= 2 * min_side:
-            img.draft(img.mode, (min_side, min_side))
+        draft(img, min_side)
+    check_budget(img, label)
     _decode(img, label)
     decoded = img.size
     img = _exif_transpose(img, label, in_place=True)
@@ -132,6 +162,39 @@ def image_header(source: str | os.PathLike | bytes, *, name: str | None = None) 
           _regular_file(Path(source), label))
     with _open_errors(label), _open_with_hint(fp, label) as img:
         return img.mode in GREY_MODES, *img.size
+
+
+def draft(img: Image.Image, min_side: int | None) -> None:
+    """Set an opened, not yet decoded JPEG to decode at 1/2, 1/4 or 1/8 scale where both sides stay at least
+    ``min_side`` (see :func:`open_image`); other images are left as they are."""
+    if min_side and img.format in ("JPEG", "MPO") and min(img.size) >= 2 * min_side:
+        img.draft(img.mode, (min_side, min_side))
+
+
+def image_bytes(img: Image.Image) -> int:
+    """Bytes ``img`` takes decoded, from its size and mode (header only)."""
+    w, h = img.size
+    return (w * h * _BITS_PER_PIXEL.get(img.mode, 32) + 7) // 8
+
+
+def max_image_bytes() -> int:
+    """:data:`MAX_IMAGE_BYTES`, or ``IMGCLF_MAX_IMAGE_MB`` megabytes where set."""
+    given = os.environ.get("IMGCLF_MAX_IMAGE_MB", "").strip()
+    try:
+        return int(float(given) * 1024 ** 2) if given else MAX_IMAGE_BYTES
+    except ValueError:
+        raise ImgclfError(f"IMGCLF_MAX_IMAGE_MB={given!r} is not a number of megabytes") from None
+
+
+def check_budget(img: Image.Image, label: str, limit: int | None = None) -> None:
+    """ImgclfError unless ``img`` (opened, not yet decoded) fits the decode budget."""
+    limit = max_image_bytes() if limit is None else limit
+    need = image_bytes(img)
+    if need > limit:
+        w, h = img.size
+        raise ImageTooLarge(f"{label}: {w}x{h} {img.mode} image would take {need / 1024 ** 2:,.0f} MB decoded, over "
+                          f"the {limit / 1024 ** 2:,.0f} MB limit for one image (a decompression bomb?); "
+                          "shrink it, or set IMGCLF_MAX_IMAGE_MB higher")
 
 
 def stored_size(img: Image.Image) -> tuple[int, int]:
@@ -200,7 +263,7 @@ def _open_with_hint(fp, label: str) -> Image.Image:
         except UnidentifiedImageError:
             if isinstance(fp, io.BytesIO):
                 fp.seek(0)
-    return Image.open(fp)
+    return Image.open(fp, formats=FORMATS)
 
 
 def _regular_file(path: Path, label: str) -> Path:
@@ -223,12 +286,14 @@ def _open_errors(label: str):
     except FileNotFoundError:
         raise ImgclfError(f"{label}: file not found; check the path") from None
     except UnidentifiedImageError:
-        raise ImgclfError(f"{label}: not an image file Pillow can read; delete it or replace it "
-                          "with a JPEG/PNG") from None
+        raise UnsupportedFormat(f"{label}: not an image in a format imgclf reads ({FORMATS_HELP}); convert it "
+                          "or delete it") from None
     except IsADirectoryError:
         raise ImgclfError(f"{label}: is a folder, not an image file") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImgclfError(f"{label}: cannot open image ({_reason(e)}); re-save or delete it") from None
+    except MemoryError:
+        raise ImgclfError(f"{label}: out of memory reading the image header; re-save or delete it") from None
 
 
 def _reason(e: BaseException) -> str:
@@ -254,6 +319,9 @@ def _decode(img: Image.Image, label: str) -> None:
             img.load()
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImgclfError(f"{label}: truncated or corrupt image ({_reason(e)}); re-save or delete it") from None
+    except MemoryError:  # this image's own decode: the next image may well fit
+        w, h = img.size
+        raise ImgclfError(f"{label}: out of memory decoding this {w}x{h} image; shrink it, or free memory") from None
 
 
 _STORED_SIZE = "imgclf_stored_size"
