@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -27,25 +28,67 @@ def natural_sorted(items) -> list[str]:
     return sorted(items, key=natural_key)
 
 
+# Errors of the disk, not of what is being written: a full or read-only disk, a quota, a failing device.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM})
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike, *, durable: bool = False):
     """Yield a temporary path beside ``path``; on success it is renamed over ``path`` (atomic on POSIX),
-    on failure removed, so a reader never sees a half-written file."""
+    on failure removed, so a reader never sees a half-written file. The file gets the permissions the
+    user's umask gives a new file (a temporary file is created 0600). ``durable``: the data and the rename
+    reach the disk before this returns (fsync of the file, then of its folder), so a power loss right after
+    cannot leave neither the old nor the new file (ext4 and xfs may otherwise commit the rename first).
+    A full, read-only or failing disk is an ImgclfError naming ``path``; the previous file is kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: some (safetensors) replace the file they are given
+        if durable:
+            _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        tmp = None
+        if durable:
+            _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        kept = "; the previous file is unchanged" if path.exists() else ""
+        raise ImgclfError(f"cannot write {path} ({os.strerror(e.errno)}){kept}; free disk space or check "
+                          "the folder's permissions, then run again") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+def _fsync(path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, durable: bool = False) -> None:
+    with atomic_path(path, durable=durable) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
 
 

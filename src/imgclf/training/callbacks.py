@@ -126,11 +126,14 @@ class FrozenBatchNorm(Callback):
 
 
 class StopOnSigint(Callback):
-    """The first Ctrl-C asks the loop to stop after the current step (so weights are never saved
-    half-updated); a second one interrupts at once."""
+    """The first Ctrl-C (or SIGTERM, as schedulers and ``docker stop`` send) asks the loop to stop after the
+    current step, so weights are never saved half-updated and ``last`` holds the step reached; a second one
+    interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.previous = None
+        self.previous: dict[int, Any] = {}
         self.trainer = None
 
     def _handler(self, signum, frame):
@@ -138,14 +141,16 @@ class StopOnSigint(Callback):
             raise KeyboardInterrupt
         self.trainer.request_stop()
         if self.trainer.world.is_main:  # torchrun passes Ctrl-C to every process; all stop at the same step
-            tqdm.write("\nstopping after this step and saving `last` (Ctrl-C again to abort at once)", file=sys.stderr)
+            again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+            tqdm.write(f"\nstopping after this step and saving `last` ({again} again to abort at once)",
+                       file=sys.stderr)
 
     def on_train_start(self, trainer):
         self.trainer = trainer
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+            self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
 
     def on_train_end(self, trainer, status):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}

@@ -5,12 +5,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders go unlocked
+    fcntl = None
 
 from .._version import __version__
 from ..data import BUILTINS
@@ -32,6 +38,52 @@ def new_run_dir(project: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise ImgclfError(f"too many runs named {name} in {project}; pass --name")
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``.lock``, an flock) while a process writes it: a second ``train
+    --resume`` of the same run is a clear error instead of two writers interleaving. The kernel drops the
+    lock when its process ends, however it ends (kill -9 included), so a dead process's lock is simply
+    taken over. The file holds the owner's pid (for the message) and is removed on a clean exit."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        while fcntl is not None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise ImgclfError(f"{self.path.parent} is in use by process {owner} (another `imgclf train` of "
+                                  "this run); wait for it to end, or stop it first") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the owner removed the file between our open and our lock: lock the new one
+        else:
+            return self
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.unlink(self.path)  # while still locked: whoever opened it meanwhile sees it gone and retries
+            os.close(self.fd)     # releases the flock
+            self.fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:

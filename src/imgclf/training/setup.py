@@ -74,6 +74,9 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
     notes: list[str] = []
     if resume is not None and resume.train_state is None:
         raise ImgclfError(f"{resume.path} holds no training state; cannot resume from it")
+    missing = [k for k in ("arch", "classes", "preprocess") if resume is not None and k not in resume.meta]
+    if missing:
+        raise ImgclfError(f"{resume.path} has no {', '.join(missing)} in its metadata; cannot resume from it")
     # --init-from matters only at the start: a resumed run takes everything from `last`
     init = load_checkpoint(cfg.init_from) if cfg.init_from and resume is None else None
     if init is not None:

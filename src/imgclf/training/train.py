@@ -12,6 +12,7 @@ an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ..config import TrainConfig, progressive_sizes
 from ..data.dataset import split_size
 from ..errors import ImgclfError
@@ -29,7 +30,7 @@ from .callbacks import Callback, Checkpointing, EarlyStopping, FrozenBatchNorm, 
 from .eta import Eta
 from .final import TrainResult, finish
 from .loop import fit
-from .run_folder import checkpoint_meta, new_run_dir, write_metrics_csv, write_run_json
+from .run_folder import RunLock, checkpoint_meta, new_run_dir, write_metrics_csv, write_run_json
 from .setup import Setup, prepare
 from .state import TrainState
 
@@ -52,9 +53,9 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     process start)."""
     if resume is not None:
         run_dir = Path(resume)
-        if not (run_dir / "config.toml").is_file() or not (run_dir / "last.safetensors").is_file():
-            raise ImgclfError(f"cannot resume {run_dir}: it needs config.toml and last.safetensors "
-                              "(a run folder written by `imgclf train`)")
+        if not (run_dir / "config.toml").is_file():
+            raise ImgclfError(f"cannot resume {run_dir}: it has no config.toml (pass a run folder written by "
+                              "`imgclf train`)")
         given = {k for k, v in overrides.items() if v is not None}
         if config is not None or given - RESUMABLE_OVERRIDES:
             bad = sorted(given - RESUMABLE_OVERRIDES) + (["config"] if config is not None else [])
@@ -92,6 +93,7 @@ class Trainer:
         self.scored_test: tuple[int, Any] | None = None  # (epoch, its test logits) when validating on test
         self.notes: list[str] = []
         self.callbacks: list[Callback] = []
+        self._locks = contextlib.ExitStack()  # the run folder's lock, held by the writing process until run() ends
 
     # what callbacks and tests reach for
     cfg = property(lambda self: self.setup.cfg)
@@ -106,7 +108,17 @@ class Trainer:
             tqdm.write(msg, file=sys.stdout)
 
     def run(self) -> TrainResult:
-        resume = load_checkpoint(self.resume_dir / "last.safetensors") if self.resume_dir else None
+        with self._locks:
+            try:
+                return self._run()
+            except BaseException as e:
+                self._mark_failed(e)
+                raise
+
+    def _run(self) -> TrainResult:
+        if self.resume_dir is not None and self.world.is_main:  # before `last` is read: another resume may write it
+            self._locks.enter_context(RunLock(self.resume_dir))
+        resume = _load_last(self.resume_dir, self.log) if self.resume_dir else None
         self.setup = s = prepare(self.user_cfg, self.world, resume=resume, started=self.started,
                                  progress=self.progress)
         cfg = s.cfg
@@ -118,9 +130,11 @@ class Trainer:
         # rank 0 picks (and creates) the run folder; the other processes are told its name
         self.run_dir = self.resume_dir or self.world.from_main(
             lambda: new_run_dir(Path(cfg.project), cfg.name or f"{s.ds.name}-{cfg.model}"))
+        if self.resume_dir is None and self.world.is_main:
+            self._locks.enter_context(RunLock(self.run_dir))
         self._log_plan()
         if self.resume_dir is None and self.world.is_main:
-            atomic_write_text(self.run_dir / "config.toml", cfg.to_toml())  # the resolved config
+            atomic_write_text(self.run_dir / "config.toml", cfg.to_toml(), durable=True)  # the resolved config
         self.write_run_json("running")
         if resume is not None:
             self.state.restore(resume, s.model, s.device, cfg.seed, self.log, self.run_dir)
@@ -131,6 +145,18 @@ class Trainer:
             Eta(), *([FrozenBatchNorm()] if s.fine_tuning else []),
             StopOnSigint(), *self.user_callbacks]
         return finish(self, fit(self))
+
+    def _mark_failed(self, error: BaseException) -> None:
+        """run.json says ``failed`` and why (``interrupted`` for a Ctrl-C that aborted at once), whatever went
+        wrong after the run folder existed; a disk too full to say so leaves the first error to be reported."""
+        if getattr(self, "run_dir", None) is None:  # failed before the run folder existed: nothing to mark
+            return
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        why = str(error).splitlines()[0] if str(error) else ""
+        if not isinstance(error, ImgclfError):
+            why = f"{type(error).__name__}: {why}".rstrip(": ")
+        with contextlib.suppress(Exception):
+            self.write_run_json(status, error=why, epochs_done=self.state.epoch, best_epoch=self.state.best_epoch)
 
     def _dry_run(self) -> TrainResult:
         """The plan, then training steps until the ETA has been measured; nothing is written."""
@@ -177,6 +203,29 @@ class Trainer:
     def write_run_json(self, status: str, **extra: Any) -> None:
         if self.world.is_main:
             write_run_json(self.run_dir / "run.json", self.setup, status, self.world.size, self.notes, **extra)
+
+
+def _load_last(run_dir: Path, log) -> Checkpoint | None:
+    """``last.safetensors`` of a run being resumed; damaged, it says so and points at ``best``. None when the run
+    stopped before its first checkpoint: it starts again from the beginning, in the same folder."""
+    if not (run_dir / "last.safetensors").exists():
+        log(f"resume {run_dir}: it stopped before its first checkpoint; starting it again from the beginning")
+        return None
+    try:
+        return load_checkpoint(run_dir / "last.safetensors")
+    except ImgclfError as e:
+        best = run_dir / "best.safetensors"
+        offer = (f"; its best weights are intact: start a new run from them with `imgclf train --config "
+                 f"{run_dir / 'config.toml'} --init-from {best}`" if _readable(best) else "; start the run again")
+        raise ImgclfError(f"cannot resume {run_dir}: {e}{offer}") from None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        load_checkpoint(path)
+        return True
+    except ImgclfError:
+        return False
 
 
 class _StopOnceSaid(Callback):
