@@ -7,7 +7,6 @@ The file carries its classes and preprocessing in its metadata, so the file alon
 """
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
+from .checkpoint_check import MAX_META_CHARS, Invalid, check_meta, parse_json
 from .data.images import Preprocess
 from .errors import ImgclfError
 from .inference import BaseClassifier
@@ -101,12 +101,15 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int = 0, spin: bo
         raise ImgclfError(f"{path}: ONNX Runtime cannot open it ({str(e).splitlines()[0][:200]}); "
                           "re-export it with `imgclf export`") from None
     props = session.get_modelmeta().custom_metadata_map
-    try:
-        meta = json.loads(props["imgclf"])
-        classes, spec = list(meta["classes"]), Preprocess.from_dict(meta["preprocess"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ImgclfError(f"{path}: an ONNX model without imgclf metadata ({e}); only models written by "
-                          "`imgclf export` carry their classes and preprocessing") from None
+    if "imgclf" not in props:
+        raise ImgclfError(f"{path}: an ONNX model without imgclf metadata; only models written by "
+                          "`imgclf export` carry their classes and preprocessing")
+    try:  # the same checks as a checkpoint's metadata (the weights are ONNX Runtime's business)
+        meta = parse_json(props["imgclf"], "its imgclf metadata", MAX_META_CHARS)
+        check_meta(meta, required=("classes", "preprocess"))
+    except Invalid as e:
+        raise ImgclfError(f"{path}: its imgclf metadata is damaged ({e}); re-export it with `imgclf export`") from None
+    classes, spec = list(meta["classes"]), Preprocess.from_dict(meta["preprocess"])
     names = [i.name for i in session.get_inputs()]
     if names != [INPUT_NAME]:
         raise ImgclfError(f"{path}: expected one input named {INPUT_NAME!r}, found {names}")

@@ -98,8 +98,9 @@ def test_every_registered_model_exports(name, tmp_path):
 
     spec = Preprocess(32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     classes = [str(i) for i in range(10)]
-    clf = Classifier(imgclf.create_model(name, num_classes=10), classes, spec,
-                     meta={"arch": {"name": name}, "classes": classes, "preprocess": spec.to_dict()})
+    model = imgclf.create_model(name, num_classes=10)
+    clf = Classifier(model, classes, spec, meta={"arch": model.arch_args, "classes": classes,
+                                                 "preprocess": spec.to_dict()})
     onnx_clf = load_onnx(export_onnx(clf, tmp_path / f"{name}.onnx"))
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     ref = clf.logits(x)
@@ -125,7 +126,7 @@ def test_conv_kernels_by_measurement_keeps_the_same_model(tmp_path):
         for p in net.parameters():
             p.add_(0.01 * torch.randn_like(p))
     clf = Classifier(net, classes, spec,
-                     meta={"arch": {"name": "fastnet-s"}, "classes": classes, "preprocess": spec.to_dict()})
+                     meta={"arch": net.arch_args, "classes": classes, "preprocess": spec.to_dict()})
     fp32 = export_onnx(clf, tmp_path / "m.onnx")
     calib = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     path = quantize_int8(fp32, tmp_path / "m.int8.onnx", calib, tune=False)
