@@ -67,3 +67,25 @@ def test_data_scale_folder_and_process_tree_memory(tmp_path, monkeypatch):
     assert ds.image_size == 16 and sorted(set(ds.test.y.tolist())) == list(range(10))
     m = ds_mod.tree_memory(os.getpid())
     assert m["anon"] > 10 << 20 and m["pss"] > 0
+
+
+def test_kill_resume_three_random_kills_end_with_the_uninterrupted_weights(tmp_path):
+    """benchmarks/kill_resume.py in small: 3 kill -9 at random moments, each resumed to the reference's weights
+    with no process outliving the kill (the benchmark runs 20)."""
+    kr = _load("kill_resume")
+    assert kr.main(["--trials", "3", "--seed", "1", "--work", str(tmp_path)]) == 0
+
+
+def test_serve_soak_in_small(tiny_run):
+    """benchmarks/serve_soak.py for 10 s with 4 clients (the benchmark runs 10 minutes with 32): every kind
+    of request gets its status, no 5xx, slow clients are cut off, the queue ends empty, SIGTERM exits."""
+    soak = _load("serve_soak")
+    r = soak.main([str(tiny_run.run_dir), "--minutes", str(10 / 60), "--clients", "4"])
+    kinds = r["statuses_by_kind"]
+    assert set(kinds["good"]) <= {"200", "503"} and kinds["good"].get("200", 0) > 0
+    assert set(kinds["junk"]) == {"415"} and set(kinds["truncated"]) == {"422"} and set(kinds["bomb"]) == {"413"}
+    assert set(kinds.get("oversize", {"413": 1})) == {"413"}
+    assert r["server_errors_not_503"] == 0 and not r["connection_errors"]
+    assert r["slow_cut"]["headers"]["n"] >= 1 and r["slow_answered_408"] >= 1
+    assert r["queued_at_end"] == 0 and r["server_log"]["tracebacks"] == 0
+    assert r["sigterm_to_exit_s"] is not None and r["sigterm_to_exit_s"] < 10 and r["rss_mb"]["samples"] >= 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 from enum import Enum
@@ -255,6 +256,14 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, help="Largest request body in MB (more: 413)."),
     max_pixels: int = typer.Option(50_000_000, help="Largest image in pixels, read from its header before "
                                    "decoding (more: 413, a decompression bomb)."),
+    max_connections: int = typer.Option(64, help="Open connections or requests in progress at most; past it, "
+                                        "503 with Retry-After."),
+    header_timeout: float = typer.Option(5.0, help="Seconds a client has to send a request's headers (then "
+                                         "disconnected: slowloris)."),
+    body_timeout: float = typer.Option(10.0, help="Seconds a request's whole body may take to arrive (then 408); "
+                                       "raise it for large uploads over slow links."),
+    shutdown_timeout: int = typer.Option(5, help="On SIGTERM or Ctrl-C, seconds requests in progress get to "
+                                         "finish."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (checkpoints)."),
 ):
     """Serve the model over HTTP: POST /predict, GET /health, GET /model, a web page at /, API docs at /docs."""
@@ -264,7 +273,9 @@ def serve(
     serve_fn(model, host=host, port=port, device=device,
              config=ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                 max_files=max_files, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                                max_pixels=max_pixels))
+                                max_pixels=max_pixels, max_connections=max_connections,
+                                header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                                shutdown_timeout_s=shutdown_timeout))
 
 
 @app.command()
@@ -358,3 +369,16 @@ def main(argv: list[str] | None = None) -> None:
     except ImgclfError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:
+        from .utils import DISK_ERRNOS
+
+        if e.errno not in DISK_ERRNOS:  # a bug, not the disk: the traceback is what helps
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"error: {where}{os.strerror(e.errno)}; free disk space or check permissions, then run again",
+                   err=True)
+        sys.exit(2)
+    except MemoryError:  # what was being built is gone with the stack; the process can still say so
+        typer.echo("error: out of memory; use a smaller --batch-size or --eval-batch-size, --data-in-memory no, "
+                   "or free memory", err=True)
+        sys.exit(1)

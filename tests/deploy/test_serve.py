@@ -1,8 +1,13 @@
 """imgclf serve: the HTTP API (status codes, micro-batching), one preprocessing on every path, the web page."""
 import asyncio
+import contextlib
 import io
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -13,11 +18,15 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import imgclf
+from imgclf.deploy import serve as serve_module
 from imgclf.deploy.export import export
-from imgclf.deploy.serve import ServeConfig, create_app
+from imgclf.deploy.serve import ServeConfig, create_app, uvicorn_options
+from imgclf.deploy.serve.batcher import MicroBatcher, Overloaded
 from imgclf.evaluation.evaluate import compute_evaluation
 
 from support import CHROMIUM, CIFAR_JPEG
@@ -185,25 +194,38 @@ def _real_photo(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.fixture
-def live_server(tiny_run):
-    """uvicorn on 127.0.0.1 and a free port, in a thread, for the length of one test."""
-    import uvicorn
-
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(tiny_run.run_dir), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _uvicorn(app):
+    """uvicorn on 127.0.0.1 and a free port, in a thread, with the options `imgclf serve` uses -> port."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           **uvicorn_options(app.state.config)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def live_server(tiny_run):
+    """uvicorn on 127.0.0.1 and a free port, in a thread, for the length of one test."""
+    with _uvicorn(create_app(tiny_run.run_dir)) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)")
@@ -238,3 +260,323 @@ def test_web_page_in_chromium(live_server, tmp_path):
             browser.close()
     assert top == expected and pct.endswith("%") and rows == 3
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+# --- load and abuse: timeouts, limits, shedding, shutdown, junk -----------------------------------------
+
+GUARDED = ServeConfig(max_files=4, max_upload_bytes=300_000, max_pixels=2_000_000, max_connections=4,
+                      header_timeout_s=1.0, body_timeout_s=1.5)
+BOUNDARY = "imgclf-test-boundary"
+
+
+def _multipart(parts: list[tuple[str, str | None, bytes]]) -> bytes:
+    """(field name, filename or None, content) -> a multipart/form-data body with BOUNDARY."""
+    out = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode("utf-8", "replace")
+        out += content + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
+def _head(length: int, path: str = "/predict") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode()
+
+
+def _until_closed(sock: socket.socket, dribble: list[bytes] = (), every: float = 0.2,
+                  limit: float = 15.0) -> tuple[bytes, float]:
+    """Send ``dribble`` one piece every ``every`` seconds while reading; -> (all bytes read, seconds until
+    the server closed the connection)."""
+    t0, got = time.monotonic(), b""
+    pieces = list(dribble)
+    sock.settimeout(every)
+    while time.monotonic() - t0 < limit:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            if pieces:
+                with contextlib.suppress(OSError):
+                    sock.sendall(pieces.pop(0))
+            continue
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def guarded_port(tiny_run):
+    with _uvicorn(create_app(tiny_run.run_dir, GUARDED)) as port:
+        yield port
+
+
+def test_slow_headers_and_slow_bodies_are_cut_off(guarded_port):
+    """Slowloris: a silent client, one sending its headers a line at a time and one sending its body a
+    byte at a time are each disconnected after the timeouts (1 s headers, 1.5 s body), with a 408 where
+    they sent something; the server answers others meanwhile."""
+    png = _png()
+    body = _multipart([("files", "a.png", png)])
+    cut = body.index(png) + 10
+    results = {}
+
+    def run(kind):
+        with socket.create_connection(("127.0.0.1", guarded_port)) as s:
+            if kind == "silent":
+                results[kind] = _until_closed(s)
+            elif kind == "headers":
+                s.sendall(b"POST /predict HTTP/1.1\r\n")
+                results[kind] = _until_closed(s, [b"X-Slow: %d\r\n" % i for i in range(100)])
+            else:
+                s.sendall(_head(len(body)) + body[:cut])
+                results[kind] = _until_closed(s, [body[i:i + 1] for i in range(cut, len(body))])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in ("silent", "headers", "body")]
+    for t in threads:
+        t.start()
+    ok = httpx.post(f"http://127.0.0.1:{guarded_port}/predict", files={"files": ("a.png", png)}, timeout=10)
+    for t in threads:
+        t.join(20)
+    assert ok.status_code == 200
+    silent, headers, body_ = results["silent"], results["headers"], results["body"]
+    assert silent[0] == b"" and 0.8 < silent[1] < 3, silent
+    assert headers[0].startswith(b"HTTP/1.1 408 ") and 0.8 < headers[1] < 3, headers
+    assert body_[0].startswith(b"HTTP/1.1 408 ") and b"connection: close" in body_[0].lower(), body_
+    assert b"did not arrive within 1.5 s" in body_[0] and 1.3 < body_[1] < 4, body_
+
+
+def test_too_many_connections_get_503_with_retry_after(guarded_port):
+    idle = [socket.create_connection(("127.0.0.1", guarded_port)) for _ in range(GUARDED.max_connections)]
+    try:
+        with socket.create_connection(("127.0.0.1", guarded_port)) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer, _ = _until_closed(s, limit=5)
+    finally:
+        for s in idle:
+            s.close()
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 503 ") and b"retry-after: 1" in head and b"connection: close" in head
+    deadline = time.monotonic() + 5
+    while (r := httpx.get(f"http://127.0.0.1:{guarded_port}/health", timeout=5)).status_code != 200:
+        assert time.monotonic() < deadline, r.status_code  # the idle sockets' closes are seen at once
+        time.sleep(0.05)
+
+
+def test_queue_counts_images_from_acceptance_and_sheds_the_rest(tiny_run, monkeypatch):
+    """max_queue=3 under 16 concurrent requests of 1-2 images: the images are counted before decoding,
+    so a shed request is never decoded (decodes == images answered), the count never passes 3, some
+    requests get 503 + Retry-After, none another 5xx, and the count is 0 afterwards."""
+    app = create_app(tiny_run.run_dir, ServeConfig(max_queue=3, max_wait_ms=20))
+    decode, calls, seen = serve_module.decode_upload, [], []
+
+    def slow_decode(*args):
+        calls.append(1)
+        seen.append(app.state.batcher.queued)
+        time.sleep(0.02)
+        return decode(*args)
+
+    monkeypatch.setattr(serve_module, "decode_upload", slow_decode)
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                requests = [[("files", (f"{i}-{j}.png", _png(seed=i), "image/png")) for j in range(1 + i % 2)]
+                            for i in range(16)]
+                requests.append([("files", ("junk.png", b"not an image at all", "image/png"))])
+                rs = await asyncio.gather(*(c.post("/predict", files=f) for f in requests))
+                return rs, (await c.get("/health")).json()
+
+    responses, health = asyncio.run(run())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 415, 503} and codes.count(415) <= 1, codes
+    assert 200 in codes and 503 in codes, codes
+    assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 503)
+    answered = sum(len(r.json()["predictions"]) for r in responses if r.status_code == 200)
+    assert len(calls) == answered + codes.count(415)  # nothing decoded for a shed request
+    assert max(seen) <= 3 and health["queued"] == 0
+
+
+def test_batcher_reservation_is_released_on_every_path(tiny_run):
+    clf = imgclf.load(tiny_run.run_dir)
+    img = np.zeros((32, 32, 3), np.uint8)
+
+    async def run():
+        b = MicroBatcher(clf, max_wait_ms=300, max_queue=3)
+        await b.start()
+        try:
+            with pytest.raises(ValueError), b.reserve(2):  # an error while decoding
+                assert b.queued == 2
+                raise ValueError
+            assert b.queued == 0
+            task = asyncio.create_task(b.probs([img, img]))  # a request cancelled while it waits
+            await asyncio.sleep(0.05)
+            assert b.queued == 2 and not b.has_room(2)
+            with pytest.raises(Overloaded), b.reserve(2):
+                pass
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert b.queued == 0
+            with b.reserve(1):  # the path of the server: counted once, answered
+                probs = await b.probs([img], reserved=True)
+                assert b.queued == 1
+            assert probs.shape == (1, 3) and b.queued == 0
+            assert b.batches == 1  # the cancelled request's images went through no forward pass
+        finally:
+            await b.stop()
+
+    asyncio.run(run())
+
+
+def test_formats_outside_the_list_get_415(client, monkeypatch):
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 40, 40)).save(buf, "PPM")  # Pillow reads it; the docs do not name it
+    r = client.post("/predict", files=[("files", ("red.ppm", buf.getvalue(), "image/x-portable-pixmap"))])
+    assert r.status_code == 415 and "red.ppm" in r.json()["detail"] and "TIFF" in r.json()["detail"]
+
+    from imgclf.data.images import ImageTooLarge, UnsupportedFormat
+
+    for error, status in ((UnsupportedFormat, 415), (ImageTooLarge, 413), (imgclf.ImgclfError, 422)):
+        def refuse(data, spec, error=error):  # the loader's own refusals, by their kind
+            raise error("<image bytes>: what is wrong with it")
+
+        monkeypatch.setattr(serve_module, "preprocess_image", refuse)
+        r = client.post("/predict", files=[("files", ("odd.png", _png(), "image/png"))])
+        assert r.status_code == status and r.json()["detail"] == "odd.png: what is wrong with it"
+
+
+def _serve_subprocess(run_dir, *args) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(run_dir), "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return proc, port
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.1)
+
+
+def test_client_leaving_mid_upload_is_one_log_line(tiny_run):
+    proc, port = _serve_subprocess(tiny_run.run_dir)
+    try:
+        body = _multipart([("files", "a.png", _png())])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(_head(len(body)) + body[: len(body) // 2])
+            time.sleep(0.3)
+        assert httpx.post(f"http://127.0.0.1:{port}/predict", files={"files": ("b.png", _png())},
+                          timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=20)[1].decode()
+    left = [line for line in err.splitlines() if "left before the answer" in line]
+    assert len(left) == 1 and left[0].startswith("INFO:") and "127.0.0.1:" in left[0], err
+    assert "Traceback" not in err and "ERROR" not in err, err
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def test_sigterm_exits_within_seconds_and_finishes_requests_in_progress(tiny_run):
+    """An idle keep-alive connection, a half-sent request and one in progress (the batcher waits 1.5 s for
+    company): SIGTERM -> the one in progress gets its answer, the process is gone within 10 s."""
+    proc, port = _serve_subprocess(tiny_run.run_dir, "--max-wait-ms", "1500")
+    body = _multipart([("files", "a.png", _png())])
+    try:
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got or not got.endswith(b"}"):  # one whole answer (a JSON body)
+            got += idle.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200 ")
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(_head(len(body)) + body[:40])
+        busy = socket.create_connection(("127.0.0.1", port))
+        busy.sendall(_head(len(body)) + body)
+        time.sleep(0.4)
+        assert _children(proc.pid) == []  # threads only: nothing that could outlive the server
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        answer, _ = _until_closed(busy, limit=10)
+        proc.wait(10)
+        took = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"class":"red"' in answer, answer
+        assert _until_closed(idle, limit=1)[0] == b""  # closed, nothing more said
+        assert not _until_closed(slow, limit=1)[0].startswith(b"HTTP/1.1 200")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err = proc.communicate(timeout=10)[1].decode()
+    assert took < 10, err
+    assert "Traceback" not in err and "left before the answer" not in err, err
+    assert "shutting down: closed 127.0.0.1:" in err and "still sending its request" in err, err
+
+
+_PNG = _png(size=(12, 9))
+_parts = st.lists(st.tuples(
+    st.sampled_from(["files", "file", "x", ""]) | st.text(max_size=8),
+    st.none() | st.sampled_from(["a.png", "b.jpg", "", "c"]) | st.text(max_size=12),
+    st.one_of(st.binary(max_size=300),
+              st.just(_PNG),
+              st.integers(0, len(_PNG)).map(lambda n: _PNG[:n]),  # truncated
+              st.tuples(st.integers(0, len(_PNG) - 1), st.integers(0, 255)).map(  # one byte changed
+                  lambda t: _PNG[:t[0]] + bytes([t[1]]) + _PNG[t[0] + 1:]),
+              st.tuples(st.integers(1, 2 ** 31 - 1), st.integers(1, 2 ** 31 - 1)).map(
+                  lambda wh: _png_claiming(*wh)))), max_size=6)
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["multipart", "raw"]), parts=_parts, raw=st.binary(max_size=600),
+       ctype=st.sampled_from([f"multipart/form-data; boundary={BOUNDARY}", "multipart/form-data",
+                              "multipart/form-data; boundary=", "application/x-www-form-urlencoded",
+                              "image/png", "application/octet-stream", "text/plain; charset=utf-8"]),
+       top_k=st.none() | st.integers(-2, 120) | st.text(max_size=4))
+def test_random_requests_never_get_500(client, kind, parts, raw, ctype, top_k):
+    content = _multipart(parts) if kind == "multipart" else raw
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}" if kind == "multipart" else ctype}
+    params = {} if top_k is None else {"top_k": str(top_k)}
+    r = client.post("/predict", content=content, headers=headers, params=params)  # a 500 raises here
+    assert r.status_code in {200, 400, 408, 413, 415, 422, 503}, (r.status_code, r.text)
+    if r.status_code == 200:
+        assert len(r.json()["predictions"]) >= 1
+
+
+def test_decodes_in_progress_share_one_memory_budget(monkeypatch):
+    """Concurrent decodes never hold more than the budget together; an image bigger than the whole budget
+    still decodes, alone; a large one trims the C heap afterwards."""
+    import threading
+
+    from imgclf.deploy.serve import DecodeBudget
+
+    trimmed = []
+    monkeypatch.setattr(serve_module, "_trim_heap", lambda: trimmed.append(1))
+    budget = DecodeBudget(total=100 * 2**20)
+    inside, peak, lock = [0], [0], threading.Lock()
+
+    def decode(nbytes):
+        with budget.hold(nbytes):
+            with lock:
+                inside[0] += min(budget.total, budget.COST * nbytes)
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.02)
+            with lock:
+                inside[0] -= min(budget.total, budget.COST * nbytes)
+
+    sizes = [20 * 2**20, 30 * 2**20, 1 * 2**20, 500 * 2**20, 10 * 2**20, 33 * 2**20] * 3
+    threads = [threading.Thread(target=decode, args=(n,)) for n in sizes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert peak[0] <= budget.total and budget.used == 0
+    assert len(trimmed) == 3 * 2  # the 500 MB and 33 MB images: past TRIM_AFTER

@@ -12,18 +12,30 @@ Endpoints:
     GET  /                  the web page: drop, pick or photograph an image; top-k bars
     GET  /docs              the OpenAPI page (Swagger UI from local files; /openapi.json is the spec)
 
-Errors answer ``{"detail": "<file>: what is wrong"}`` with: 400 no file sent; 413 request body over
-``max_upload_bytes``, more than ``max_files`` files, or an image over ``max_pixels`` (read from the header
-before decoding: a decompression bomb is never decoded); 415 not an image; 422 corrupt or truncated
-image; 503 + Retry-After when ``max_queue`` images are already waiting. A request with one bad file is
-refused whole. Images are decoded on a thread pool by the same loader as training, then micro-batched
-(see :mod:`.batcher`).
+Errors answer ``{"detail": "<file>: what is wrong"}`` with: 400 no file sent; 408 the body did not arrive
+within ``body_timeout_s`` (the connection is closed); 413 request body over ``max_upload_bytes``, more
+than ``max_files`` files, or an image over ``max_pixels`` (read from the header before decoding: a
+decompression bomb is never decoded); 415 not a JPEG, PNG, WebP, GIF, BMP or TIFF image; 422 corrupt or
+truncated image; 503 + Retry-After when ``max_queue`` images are already accepted and not yet answered,
+or when ``max_connections`` connections are open. A request with one bad file is refused whole. Images
+are decoded on a thread pool by the same loader as training, then micro-batched (see :mod:`.batcher`).
+
+Under load and abuse (:func:`serve`, or :func:`uvicorn_options` for a uvicorn of your own): a client that
+has not sent a request's headers ``header_timeout_s`` after connecting or after its last answer is
+disconnected (slowloris), an idle keep-alive connection after ``keep_alive_s``; on SIGTERM or Ctrl-C the
+server stops accepting, closes idle connections at once and uploads still arriving after a second, lets
+requests in progress finish for up to ``shutdown_timeout_s``, then exits. A client that leaves before its
+answer is logged as one line. The server starts no processes: threads only (decoding, forward passes).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import io
+import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,17 +46,28 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..._version import __version__
 from ...classifier import load
-from ...data.images import Preprocess, preprocess_image
+from ...data.images import (
+    FORMATS,
+    FORMATS_HELP,
+    ImageTooLarge,
+    Preprocess,
+    UnsupportedFormat,
+    draft,
+    image_bytes,
+    preprocess_image,
+)
 from ...errors import ImgclfError
 from ...inference import BaseClassifier, Prediction
 from ...onnx_runtime import load_onnx
 from .batcher import MicroBatcher, Overloaded
+from .guards import BodyLimit, BodyTimeout, client_name, log, uvicorn_options
 
 
 @dataclass(frozen=True)
@@ -57,6 +80,13 @@ class ServeConfig:
     max_pixels: int = 50_000_000             # width x height from the header; more -> 413 (never decoded)
     max_top_k: int = 100
     decode_threads: int = max(2, os.cpu_count() or 2)
+    decode_memory_mb: int = 512              # what decodes in progress may take together (see DecodeBudget)
+    # the connection, under load and abuse (see the module's docstring)
+    max_connections: int = 64                # open connections or requests in progress; more -> 503
+    header_timeout_s: float = 5.0            # a request's headers, from connect or the last answer
+    body_timeout_s: float = 10.0             # a request's whole body, from its headers; late -> 408, closed
+    keep_alive_s: int = 5                    # an idle keep-alive connection is closed after this
+    shutdown_timeout_s: int = 5              # SIGTERM: requests in progress get this long, then are cancelled
 
 
 class ApiError(Exception):
@@ -65,14 +95,16 @@ class ApiError(Exception):
         self.status, self.detail = status, detail
 
 
-def decode_upload(data: bytes, name: str, spec: Preprocess, max_pixels: int) -> np.ndarray:
-    """Upload bytes -> (H, W, C) uint8 through the training loader; ApiError(413/415/422) when unusable."""
+def decode_upload(data: bytes, name: str, spec: Preprocess, max_pixels: int,
+                  budget: DecodeBudget | None = None) -> np.ndarray:
+    """Upload bytes -> (H, W, C) uint8 through the training loader; ApiError(413/415/422) when unusable.
+    ``budget``: the memory all decodes in progress may take together (waits for room)."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+    try:  # reads the header only, and only with the plugins of the formats the loader reads
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        raise ApiError(415, f"{name}: not an image (send a JPEG, PNG, WebP, GIF, BMP or TIFF file)") from None
+        raise ApiError(415, f"{name}: not a {FORMATS_HELP} image; send one of those") from None
     except Image.DecompressionBombError:  # Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS), also header-only
         raise ApiError(413, f"{name}: too many pixels for a photo (a decompression bomb?); limit "
                             f"{max_pixels:,} pixels") from None
@@ -82,11 +114,62 @@ def decode_upload(data: bytes, name: str, spec: Preprocess, max_pixels: int) -> 
     if w * h > max_pixels:
         raise ApiError(413, f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
                             "(a decompression bomb?); send a smaller image")
-    try:  # from the bytes, as predict reads a file: a large JPEG is decoded at a reduced scale (open_image)
-        return preprocess_image(data, spec)
-    except ImgclfError as e:
-        reason = str(e).split(": ", 1)[-1]  # the loader names the source "<image bytes>"; name the upload instead
-        raise ApiError(422, f"{name}: {reason}") from None
+    draft(img, spec.image_size)  # the size it will decode at (a large JPEG: reduced)
+    with budget.hold(image_bytes(img)) if budget is not None else contextlib.nullcontext():
+        try:  # from the bytes, as predict reads a file: a large JPEG is decoded at a reduced scale (open_image)
+            return preprocess_image(data, spec)
+        except ImgclfError as e:
+            reason = str(e).split(": ", 1)[-1]  # the loader names the source "<image bytes>"; name the upload
+            status = 415 if isinstance(e, UnsupportedFormat) else 413 if isinstance(e, ImageTooLarge) else 422
+            raise ApiError(status, f"{name}: {reason}") from None
+
+
+class DecodeBudget:
+    """Memory that the decodes in progress may take together, in bytes; a decode waits until its image fits.
+    A decode takes ``COST`` times its decoded size (the conversions after it: alpha onto white, high bit
+    depths scaled; measured 2.5-3x), never more than the whole budget, so any image the loader accepts still
+    decodes, alone. After a large one the C heap is trimmed: each decoding thread has its own malloc arena,
+    which otherwise keeps the freed pages, so the next large image, decoded on another thread, adds its own
+    (4 concurrent requests of two 7,000 x 7,000 RGBA PNGs, 0.2 MB each, took the server from 254 MB to
+    1,450 MB and left it at 1,399 MB)."""
+
+    COST = 3
+    TRIM_AFTER = 32 * 1024 ** 2  # decoded bytes past which the heap is trimmed (cheap next to such a decode)
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        need = min(self.total, self.COST * nbytes)
+        with self._room:
+            self._room.wait_for(lambda: self.used + need <= self.total)
+            self.used += need
+        try:
+            yield
+        finally:
+            if nbytes >= self.TRIM_AFTER:
+                _trim_heap()
+            with self._room:
+                self.used -= need
+                self._room.notify_all()
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's malloc_trim; elsewhere nothing to do)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def model_info(clf: BaseClassifier) -> dict[str, Any]:
@@ -120,12 +203,13 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
         clf = load(model, device=device)
     batcher: MicroBatcher | None = None
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="imgclf-decode")
+    decode_budget = DecodeBudget(config.decode_memory_mb * 1024 ** 2)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app):
         nonlocal batcher
-        batcher = MicroBatcher(clf, config.max_batch, config.max_wait_ms, config.max_queue)
+        batcher = app.state.batcher = MicroBatcher(clf, config.max_batch, config.max_wait_ms, config.max_queue)
         await batcher.start()
         yield
         await batcher.stop()
@@ -135,12 +219,22 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
     app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"{info['arch']} ({info['format']}, {info['precision']}): "
                               f"{len(clf.classes)} classes. The page at / tries it in a browser.")
-    app.add_middleware(_BodyLimit, max_bytes=config.max_upload_bytes, paths=("/predict",))
+    app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes, paths=("/predict",))
+    app.add_middleware(BodyTimeout, seconds=config.body_timeout_s)  # outermost: times the client's own pace
     _add_docs(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: ClientDisconnect):
+        # Starlette raises ClientDisconnect when the client closes its connection during the upload; left
+        # alone it reaches uvicorn, which logs it with a 65-line traceback. One line says all there is.
+        if not request.scope.get("imgclf.closed"):  # else the server closed it (shutdown) and said so
+            log.info("client %s left before the answer (%s %s)", client_name(request.scope.get("client")),
+                     request.method, request.url.path)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody is there to read it
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -177,20 +271,24 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
             if not files:
                 raise ApiError(400, "no image in the request: send multipart/form-data with one or more "
                                     "files (field name 'files')")
-            if not batcher.has_room(len(files)):
-                raise _overloaded()
-            loop = asyncio.get_running_loop()
-            names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
-            datas = [await f.read() for f in files]
-            arrays = await asyncio.gather(*(
-                loop.run_in_executor(decode_pool, decode_upload, d, n, clf.preprocess, config.max_pixels)
-                for d, n in zip(datas, names)))
-        finally:
-            await form.close()
-        try:
-            probs = await batcher.probs(list(arrays))
+            # the images count in the queue from here, before decoding, until the answer or any error
+            with batcher.reserve(len(files)):
+                loop = asyncio.get_running_loop()
+                names = [f.filename or f"file {i + 1}" for i, f in enumerate(files)]
+                datas = [await f.read() for f in files]
+                await form.close()  # the spooled copies go now (again in `finally`, harmless, on errors)
+                arrays = await asyncio.gather(*(
+                    loop.run_in_executor(decode_pool, decode_upload, d, n, clf.preprocess, config.max_pixels,
+                                         decode_budget)
+                    for d, n in zip(datas, names)))
+                del datas
+                if await request.is_disconnected():  # gone while its images were decoded: no forward pass
+                    raise ClientDisconnect
+                probs = await batcher.probs(list(arrays), reserved=True)
         except Overloaded:
             raise _overloaded() from None
+        finally:
+            await form.close()
         preds = [Prediction(source=n, top=top) for n, top in zip(names, clf.rank(probs, top_k))]
         return {"predictions": [p.to_dict() for p in preds]}
 
@@ -200,34 +298,6 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
 
     app.state.classifier, app.state.config = clf, config
     return app
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` with 413, by Content-Length before reading any of
-    it, and by counting for chunked uploads, so a huge upload is never buffered."""
-
-    def __init__(self, app, max_bytes: int, paths: tuple[str, ...]):
-        self.app, self.max_bytes, self.paths = app, max_bytes, paths
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in self.paths:
-            return await self.app(scope, receive, send)
-        detail = f"request body over {self.max_bytes / 1024 ** 2:.1f} MB; send fewer or smaller images"
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(413, detail)
-            return message
-
-        return await self.app(scope, limited, send)
 
 
 def _add_docs(app) -> None:
@@ -255,11 +325,14 @@ def _add_docs(app) -> None:
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           config: ServeConfig = ServeConfig(), log_level: str = "info") -> None:
-    """Run the app with uvicorn until Ctrl-C."""
+    """Run the app with uvicorn until Ctrl-C or SIGTERM (then within ``config.shutdown_timeout_s`` and a
+    second or two: see the module's docstring)."""
     import uvicorn
 
     app = create_app(model, config, device=device)
     clf = app.state.classifier
     print(f"serving {model_info(clf)['arch']} ({len(clf.classes)} classes) from {clf.path} "
           f"at http://{host}:{port}/  (API docs: /docs)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # python-multipart logs each malformed body as a bare line on stderr; the client gets the reason in its 400
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(config))
