@@ -124,18 +124,33 @@ def _empty(path: Path) -> Path:
     return path
 
 
+# The command runs under this small wrapper, which reads the peak RSS through wait4: a process forked from a
+# large one (pytest late in a run: 1.7 GB) keeps that parent's high-water mark in its ru_maxrss across exec,
+# a child of this fresh interpreter only its ~10 MB.
+_WRAPPER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def run_measured(args: list[str], timeout: float = 300, env: dict | None = None) -> tuple[int, str, str, float]:
-    """``python -m imgclf ARGS`` -> (exit status, stdout, stderr, peak RSS of that process in MB)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "imgclf", *args], stdout=out, stderr=err, text=True,
-                                env={**os.environ, **(env or {})})
-        timer = threading.Timer(timeout, lambda: os.kill(proc.pid, signal.SIGKILL))
+    """``python -m imgclf ARGS`` -> (exit status, stdout, stderr, peak RSS of that process in MB; its children's,
+    such as decode workers, where larger)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as peak:
+        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, peak.name, sys.executable, "-m", "imgclf", *args],
+                                stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+        timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         finally:
             timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; Popen must not wait again
         out.seek(0)
         err.seek(0)
-        return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024
+        kb = peak.read().strip()
+        return proc.returncode, out.read(), err.read(), int(kb) / 1024 if kb else float("nan")

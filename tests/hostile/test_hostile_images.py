@@ -135,3 +135,21 @@ def test_a_dataset_folder_with_hostile_files_trains_on_the_good_ones_under_the_m
     images = {f"train/red/{path.name}" for name, path in corpus.items() if name not in ("fifo", "eps")}
     assert set(run["data"]["skipped"]) == images  # drawing.eps is no image file by its name: not even listed
     assert peak < PEAK_RSS_LIMIT_MB, f"peak RSS {peak:.0f} MB training beside them"
+
+
+@pytest.mark.parametrize("error", [IndexError("tile index out of range"), KeyError(279), ZeroDivisionError()])
+def test_whatever_a_decoder_raises_on_a_files_bytes_is_that_files_error(tmp_path, monkeypatch, error):
+    """Pillow's plugins raise more than OSError on crafted bytes (struct.error, IndexError, KeyError ...): that
+    is the file's error, one line, and the files after it are still read."""
+    paths = [_good(tmp_path, f"{name}.png") for name in ("first", "crafted", "last")]
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        if "crafted" in str(getattr(self, "filename", "")):
+            raise error
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    decoded = decode_chunk([(p.name, str(p)) for p in paths], 8, 3)
+    assert [d.error is None for d in decoded] == [True, False, True]
+    assert decoded[1].error.startswith("crafted.png: truncated or corrupt image (" + type(error).__name__)

@@ -286,18 +286,28 @@ def _open_errors(label: str):
     except FileNotFoundError:
         raise ImgclfError(f"{label}: file not found; check the path") from None
     except UnidentifiedImageError:
-        raise UnsupportedFormat(f"{label}: not an image in a format imgclf reads ({FORMATS_HELP}); convert it "
-                          "or delete it") from None
+        raise UnsupportedFormat(f"{label}: not an image in a format imgclf reads ({FORMATS_HELP}); convert "
+                                "it or delete it") from None
     except IsADirectoryError:
         raise ImgclfError(f"{label}: is a folder, not an image file") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImgclfError(f"{label}: cannot open image ({_reason(e)}); re-save or delete it") from None
     except MemoryError:
         raise ImgclfError(f"{label}: out of memory reading the image header; re-save or delete it") from None
+    except ImgclfError:
+        raise
+    except Exception as e:  # the plugin's own errors on this file's bytes: see the note above _reason
+        raise ImgclfError(f"{label}: cannot open image ({_reason(e)}); re-save or delete it") from None
+
+
+# Pillow's plugins parse the file's bytes, and on bytes they cannot parse some raise more than OSError and
+# ValueError (struct.error, IndexError, KeyError, ZeroDivisionError from crafted headers): whatever they raise
+# while opening or decoding one file is that file's error, so every Exception there becomes one.
 
 
 def _reason(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, (OSError, SyntaxError, ValueError)) and text:
+        return text
+    return f"{type(e).__name__}: {text}".rstrip(": ")
 
 
 @contextlib.contextmanager
@@ -317,11 +327,11 @@ def _decode(img: Image.Image, label: str) -> None:
     try:
         with _strict_truncation():
             img.load()
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ImgclfError(f"{label}: truncated or corrupt image ({_reason(e)}); re-save or delete it") from None
     except MemoryError:  # this image's own decode: the next image may well fit
         w, h = img.size
         raise ImgclfError(f"{label}: out of memory decoding this {w}x{h} image; shrink it, or free memory") from None
+    except Exception as e:  # the decoder's errors on this file's bytes: see the note above _reason
+        raise ImgclfError(f"{label}: truncated or corrupt image ({_reason(e)}); re-save or delete it") from None
 
 
 _STORED_SIZE = "imgclf_stored_size"
@@ -336,7 +346,7 @@ def _exif_transpose(img: Image.Image, label: str, *, in_place: bool) -> Image.Im
         return img if in_place else img.copy()
     try:
         out = ImageOps.exif_transpose(img, in_place=in_place)
-    except (OSError, SyntaxError, ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # EXIF parsing of this file's bytes: see the note above _reason
         raise ImgclfError(f"{label}: unreadable EXIF data ({_reason(e)}); re-save the image") from None
     return img if in_place else out
 

@@ -108,8 +108,8 @@ def decode_upload(data: bytes, name: str, spec: Preprocess, max_pixels: int,
     except Image.DecompressionBombError:  # Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS), also header-only
         raise ApiError(413, f"{name}: too many pixels for a photo (a decompression bomb?); limit "
                             f"{max_pixels:,} pixels") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ApiError(422, f"{name}: corrupt image header ({e}); re-save the image") from None
+    except Exception as e:  # a plugin's errors on these bytes, whatever their type (see data/images.py)
+        raise ApiError(422, f"{name}: corrupt image header ({type(e).__name__}: {e}); re-save the image") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ApiError(413, f"{name}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
