@@ -71,6 +71,7 @@ def test_photo_recipe_for_large_images():
     cfg, why = resolve(TrainConfig(data="photos"), probe=ImageProbe(375))
     assert (cfg.recipe, cfg.model, cfg.pretrained, cfg.image_size) == ("photo", "efficientnet-lite0", "imagenet", 160)
     assert cfg.freeze_epochs == 1 and cfg.augment == "photo"
+    assert (cfg.freeze_blocks, cfg.progressive) == (5, "0.8:0.8")  # less work per epoch
     assert cfg.val_every == 0  # the run keeps the last epoch's weights, as fine_tune does
     assert any("160px" in w for w in why)
     small, _ = resolve(TrainConfig(data="photos"), probe=ImageProbe(100))
@@ -78,7 +79,9 @@ def test_photo_recipe_for_large_images():
     # photos of about 150 px (their median shorter side 143-150): 144 px, not 128
     assert {resolve(TrainConfig(data="photos"), probe=ImageProbe(n))[0].image_size for n in (143, 150)} == {144}
     mine, _ = resolve(TrainConfig(data="photos", model="seed-cnn"), probe=ImageProbe(375))
-    assert mine.model == "seed-cnn" and mine.pretrained is None
+    assert mine.model == "seed-cnn" and mine.pretrained is None and mine.freeze_blocks is None
+    scratch, _ = resolve(TrainConfig(data="photos", pretrained="none"), probe=ImageProbe(375))
+    assert scratch.freeze_blocks is None  # nothing pretrained to keep
     # a short --epochs shortens the recipe's head-only phase; the user's own --freeze-epochs is checked
     quick, why = resolve(TrainConfig(recipe="photo", epochs=1), probe=ImageProbe(375))
     assert quick.freeze_epochs == 0 and any("0 head-only epochs" in w for w in why)

@@ -51,6 +51,7 @@ def train(
     init_from: Optional[str] = typer.Option(None, help=_h("init_from")),
     freeze_epochs: Optional[int] = typer.Option(None, help=_h("freeze_epochs")),
     backbone_lr_mult: Optional[float] = typer.Option(None, help=_h("backbone_lr_mult")),
+    freeze_blocks: Optional[int] = typer.Option(None, help=_h("freeze_blocks")),
     class_weights: Optional[str] = typer.Option(None, help=_h("class_weights")),
     balanced_sampling: Optional[bool] = typer.Option(None, "--balanced-sampling", help=_h("balanced_sampling")),
     epochs: Optional[int] = typer.Option(None, help=_h("epochs")),

@@ -60,6 +60,7 @@ class TrainConfig:
     init_from: str | None = None        # start from this imgclf checkpoint/run (new head if classes differ)
     freeze_epochs: int | None = None    # train only the head for this many epochs first (fastai's fine_tune)
     backbone_lr_mult: float = 0.1       # backbone lr = lr x this when fine-tuning a pretrained/initialised model
+    freeze_blocks: int | None = None    # fine-tuning: the stem and first N blocks keep their weights (no backward)
     # --- optimisation
     epochs: int | None = None           # number of epochs
     batch_size: int | None = None       # training batch size
@@ -119,8 +120,9 @@ class TrainConfig:
             raise ImgclfError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.image_size is not None and self.image_size < 8:
             raise ImgclfError(f"image_size must be at least 8 pixels, got {self.image_size}")
-        if self.patience < 0 or (self.weight_decay or 0) < 0 or (self.freeze_epochs or 0) < 0:
-            raise ImgclfError("patience, weight_decay and freeze_epochs must not be negative")
+        if (self.patience < 0 or (self.weight_decay or 0) < 0 or (self.freeze_epochs or 0) < 0
+                or (self.freeze_blocks or 0) < 0):
+            raise ImgclfError("patience, weight_decay, freeze_epochs and freeze_blocks must not be negative")
         if not 0.0 < self.backbone_lr_mult <= 1.0:
             raise ImgclfError(f"backbone_lr_mult must be in (0, 1], got {self.backbone_lr_mult}")
         if self.progressive is not None:

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from imgclf.checkpoint import load_checkpoint
 from imgclf.errors import ImgclfError
@@ -62,3 +63,27 @@ def test_imbalance_is_noted_and_weighted(tmp_path, capsys):
     w = dict(zip(classes, seen["w"].tolist()))
     assert w["red"] == pytest.approx(28 / (3 * 20)) and w["blue"] == pytest.approx(28 / (3 * 4))
     assert seen["s"].shape == (28,)
+
+
+def test_freeze_blocks_keeps_the_first_blocks_out_of_the_backward_pass_and_the_optimizer():
+    from imgclf.config import TrainConfig
+    from imgclf.models import create_model
+    from imgclf.training.optim import build_optimizer
+    from imgclf.training.setup import _freeze_blocks
+
+    model = create_model("efficientnet-lite0", num_classes=3, image_size=32)
+    notes = []
+    _freeze_blocks(model, 5, True, notes)
+    frozen = {id(p) for block in model.early_blocks()[:5] for p in block.parameters()}
+    assert frozen and notes == ["fine-tuning: the stem and first 4 blocks keep their pretrained weights "
+                                "(--freeze-blocks 5)"]
+    opt = build_optimizer(TrainConfig(optimizer="adamw", lr=1e-3), model, 0.1)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not held & frozen and len(held) == sum(1 for p in model.parameters()) - len(frozen)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for b in model.early_blocks()[:5] for p in b.parameters())
+    assert all(p.grad is not None for p in model.early_blocks()[5].parameters())
+    for n, fine_tuning, match in [(5, False, "pretrained"), (99, True, "has 17"), (2, True, "no blocks")]:
+        with pytest.raises(ImgclfError, match=match):
+            _freeze_blocks(create_model("fastnet" if match == "no blocks" else "efficientnet-lite0", num_classes=3,
+                                        image_size=32), n, fine_tuning, [])

@@ -78,7 +78,8 @@ def test_real_mnist_trains_a_greyscale_model(tmp_path):
 
 def test_photo_recipe_fine_tunes_pretrained_backbone(tmp_path, capsys):
     """A folder of 80px images gets the photo recipe by itself: ImageNet EfficientNet-Lite0, head-only
-    first epoch on cached features, its normalisation stored; it learns the colours."""
+    first epoch on cached features, then fine-tuning with the stem and first 4 blocks kept as loaded, its
+    normalisation stored; it learns the colours."""
     data = colour_folder(tmp_path / "photos", n_train=8, n_test=4, size=80)
     from imgclf.models import efficientnet as E
 
@@ -86,8 +87,9 @@ def test_photo_recipe_fine_tunes_pretrained_backbone(tmp_path, capsys):
         def on_epoch_end(self, trainer, row):
             if row["epoch"] == 1:  # the head-only epoch left the backbone exactly as loaded
                 self.stem = trainer.model.stem.conv.weight.detach().clone()
-            else:  # fine-tuning trained the weights, on the pretrained BatchNorm statistics
-                self.tuned = trainer.model.stem.conv.weight.detach().clone()
+            else:  # fine-tuning trained the later weights, on the pretrained BatchNorm statistics
+                self.kept = trainer.model.stem.conv.weight.detach().clone()
+                self.tuned = trainer.model.conv_head.conv.weight.detach().clone()
                 self.bn_mean = trainer.model.stem.bn.running_mean.detach().clone()
     cb = Frozen()
     r = train_run(data, tmp_path, model=None, epochs=2, batch_size=8, callbacks=[cb])  # no model: the recipe picks
@@ -98,7 +100,8 @@ def test_photo_recipe_fine_tunes_pretrained_backbone(tmp_path, capsys):
     assert tuple(meta["preprocess"]["mean"]) == E.IMAGENET_MEAN
     raw = torch.load(E.imagenet_weights_path(), map_location="cpu", weights_only=True)
     assert torch.equal(cb.stem.cpu(), raw["_conv_stem.weight"])
-    assert not torch.equal(cb.tuned.cpu(), raw["_conv_stem.weight"])
+    assert torch.equal(cb.kept.cpu(), raw["_conv_stem.weight"]) and "first 4 blocks keep" in out  # --freeze-blocks 5
+    assert not torch.equal(cb.tuned.cpu(), raw["_conv_head.weight"])
     assert torch.equal(cb.bn_mean.cpu(), raw["_bn0.running_mean"]) and "BatchNorm keeps the pretrained" in out
     assert "recipe = \"photo\"" in (r.run_dir / "config.toml").read_text()
     assert r.test_metrics["top1"] >= 0.75

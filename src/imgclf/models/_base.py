@@ -49,6 +49,12 @@ class ImageClassifier(nn.Module):
         whose lr decays to 0 by then). Default: none."""
         return []
 
+    def early_blocks(self) -> list[nn.Module]:
+        """The backbone's modules from the input side, in order (stem first), for ``--freeze-blocks``: freezing
+        the first k of them spares the backward pass through the largest feature maps. Default: none (the
+        model cannot freeze a prefix)."""
+        return []
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 

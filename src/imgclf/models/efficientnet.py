@@ -101,6 +101,9 @@ class EfficientNetLite(ImageClassifier):
         nn.init.zeros_(head.fc.bias)
         return head
 
+    def early_blocks(self) -> list[nn.Module]:
+        return [self.stem, *self.blocks]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_head(self.blocks(self.stem(x)))
         return x.mean((2, 3))

@@ -18,6 +18,7 @@ import torch
 from ..inference import predict_logits
 from .callbacks import Callback
 
+TIMED_EVAL_PIXELS = 1 << 21  # pixels of training images timed in eval mode for the ETA (2k at 32 px, 81 at 160)
 TIMED_STEPS = 3      # steps timed for the first estimate, after one warm-up step (kernel choice, allocations);
                      # the fastest counts: the first steps still run slower than the epochs do, and a step slowed
                      # by other work on the machine says nothing of the rest
@@ -98,7 +99,10 @@ class Eta(Callback):
 def _eval_seconds_per_image(trainer) -> float:
     """Time one evaluation batch of training images, as validation and the final test run them."""
     setup, cfg = trainer.setup, trainer.cfg
-    x = trainer.batches.raw(torch.arange(min(len(trainer.batches), cfg.eval_batch_size)))
+    # A few megapixels are enough to time: a whole evaluation batch of photos took 5 s of a 2-minute run.
+    side = trainer.batches.image_size
+    n = min(len(trainer.batches), cfg.eval_batch_size, max(16, TIMED_EVAL_PIXELS // (side * side)))
+    x = trainer.batches.raw(torch.arange(n))
     for part in (x[:2], x):  # the first pass in eval mode pays for kernel selection: not timed
         t0 = time.perf_counter()
         predict_logits(setup.model, part, setup.normalizer, batch_size=cfg.eval_batch_size,

@@ -144,6 +144,8 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
     if resume is None and init is None and not pretrained:
         _init_from_data(model, batches, normalizer, cfg.seed)
     fine_tuning = bool(cfg.init_from or pretrained)
+    if cfg.freeze_blocks:
+        _freeze_blocks(model, cfg.freeze_blocks, fine_tuning, notes)
     if fine_tuning and any(isinstance(m, _BatchNorm) for m in model.modules()):
         notes.append("fine-tuning: BatchNorm keeps the pretrained statistics (inference mode; its scale "
                      "and shift still learn), as Keras's fine-tuning guide does")
@@ -154,6 +156,23 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
                  fine_tuning=fine_tuning, start=start,
                  decode_args={"image_size": image_size, "channels": channels}, budget_end_seconds=budget_end,
                  resume=resume, notes=tuple(notes))
+
+
+def _freeze_blocks(model: ImageClassifier, n: int, fine_tuning: bool, notes: list[str]) -> None:
+    """The stem and first ``n - 1`` blocks keep their (pretrained) weights: no gradient reaches them, so the
+    backward pass stops before the largest feature maps. Before the optimizer is built, so it never holds them."""
+    blocks = model.early_blocks()
+    if not fine_tuning:
+        raise ImgclfError("--freeze-blocks keeps pretrained weights: use it with --pretrained imagenet or --init-from")
+    if not blocks:
+        raise ImgclfError(f"--freeze-blocks: {type(model).__name__} has no blocks to freeze; leave it out")
+    if n >= len(blocks):
+        raise ImgclfError(f"--freeze-blocks {n}: the model has {len(blocks)} (stem included); freezing all of them "
+                          "leaves only the head, which --freeze-epochs does")
+    for block in blocks[:n]:
+        for p in block.parameters():
+            p.requires_grad_(False)
+    notes.append(f"fine-tuning: the stem and first {n - 1} blocks keep their pretrained weights (--freeze-blocks {n})")
 
 
 def _with_init_arch(cfg: TrainConfig, init: Checkpoint) -> TrainConfig:
