@@ -16,6 +16,7 @@ processes outlived it (decode workers must leave with their parent). Exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -128,7 +129,7 @@ def trial(i: int, data: Path, work: Path, ref: tuple[dict, dict], phase: str, de
     time.sleep(0.5)  # decode workers notice their parent is gone within their watchdog's period
     left = survivors(marker)
     for pid in left:  # do not let them disturb the next trial
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.kill(pid, 9)
     held = [f for f in ("config.toml", "last.safetensors", "best.safetensors", "report.html") if (run / f).exists()]
     caching = [p.name for p in home.glob("**/*") if p.is_dir() and p.name.startswith(".")] if home.is_dir() else []
@@ -142,14 +143,6 @@ def trial(i: int, data: Path, work: Path, ref: tuple[dict, dict], phase: str, de
     return {"trial": i, "phase": phase, "delay_s": round(delay, 2), "killed": killed, "held": held,
             "cache_tmp": caching, "how": how, "finished": ok, "equal": equal, "survivors": len(left),
             "error": None if ok else done.stderr.strip()[-300:]}
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

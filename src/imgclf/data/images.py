@@ -186,15 +186,14 @@ def max_image_bytes() -> int:
         raise ImgclfError(f"IMGCLF_MAX_IMAGE_MB={given!r} is not a number of megabytes") from None
 
 
-def check_budget(img: Image.Image, label: str, limit: int | None = None) -> None:
+def check_budget(img: Image.Image, label: str) -> None:
     """ImgclfError unless ``img`` (opened, not yet decoded) fits the decode budget."""
-    limit = max_image_bytes() if limit is None else limit
-    need = image_bytes(img)
+    limit, need = max_image_bytes(), image_bytes(img)
     if need > limit:
         w, h = img.size
         raise ImageTooLarge(f"{label}: {w}x{h} {img.mode} image would take {need / 1024 ** 2:,.0f} MB decoded, over "
-                          f"the {limit / 1024 ** 2:,.0f} MB limit for one image (a decompression bomb?); "
-                          "shrink it, or set IMGCLF_MAX_IMAGE_MB higher")
+                            f"the {limit / 1024 ** 2:,.0f} MB limit for one image (a decompression bomb?); "
+                            "shrink it, or set IMGCLF_MAX_IMAGE_MB higher")
 
 
 def stored_size(img: Image.Image) -> tuple[int, int]:
