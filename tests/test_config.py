@@ -80,6 +80,8 @@ def test_photo_recipe_for_large_images():
     assert {resolve(TrainConfig(data="photos"), probe=ImageProbe(n))[0].image_size for n in (143, 150)} == {144}
     mine, _ = resolve(TrainConfig(data="photos", model="seed-cnn"), probe=ImageProbe(375))
     assert mine.model == "seed-cnn" and mine.pretrained is None and mine.freeze_blocks is None
+    larger, _ = resolve(TrainConfig(data="photos", model="efficientnet-lite2"), probe=ImageProbe(375))
+    assert (larger.pretrained, larger.freeze_blocks) == ("imagenet", 5)  # it has ImageNet weights too
     scratch, _ = resolve(TrainConfig(data="photos", pretrained="none"), probe=ImageProbe(375))
     assert scratch.freeze_blocks is None  # nothing pretrained to keep
     # a short --epochs shortens the recipe's head-only phase; the user's own --freeze-epochs is checked

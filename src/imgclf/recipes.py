@@ -17,6 +17,7 @@ import dataclasses
 from .config import DEFAULT_LR, TrainConfig
 from .data.probe import ImageProbe, probe_images
 from .errors import ImgclfError
+from .models import has_pretrained
 from .models.fastnet import VARIANTS as FASTNET_VARIANTS
 
 RECIPES: dict[str, dict] = {
@@ -96,7 +97,7 @@ def resolve(cfg: TrainConfig, probe: ImageProbe | None = None) -> tuple[TrainCon
                    if probe.mirror_safe is False else f"small ({native_side}px) greyscale images are taken for "
                    "digits or letters, which a mirror changes") + " (--augment fast --tta flip+translate puts "
                    "them back)")
-    if fill.get("pretrained") and cfg.model is not None and cfg.model != RECIPES[name]["model"]:
+    if fill.get("pretrained") and cfg.model is not None and not has_pretrained(cfg.model, fill["pretrained"]):
         fill.pop("pretrained")  # the user's own model choice has no such weights
         fill.pop("freeze_blocks", None)  # ... and its own blocks
     if "freeze_blocks" in fill and (fill.get("pretrained") or cfg.pretrained) in (None, "none"):

@@ -9,6 +9,7 @@ Importing this package registers the built-in families (one file each).
 """
 from . import efficientnet, fastnet, resnet, seed_cnn  # noqa: F401  (imported for their @register_model side effect)
 from ._base import ImageClassifier
-from ._registry import create_model, list_models, model_info, register_model, register_pretrained
+from ._registry import create_model, has_pretrained, list_models, model_info, register_model, register_pretrained
 
-__all__ = ["ImageClassifier", "create_model", "list_models", "model_info", "register_model", "register_pretrained"]
+__all__ = ["ImageClassifier", "create_model", "has_pretrained", "list_models", "model_info", "register_model",
+           "register_pretrained"]

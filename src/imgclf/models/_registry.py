@@ -42,6 +42,11 @@ def register_pretrained(name: str, tag: str):
     return decorate
 
 
+def has_pretrained(name: str, tag: str) -> bool:
+    """Whether model ``name`` has published ``tag`` weights (e.g. "imagenet")."""
+    return (name, tag) in _PRETRAINED
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
     return sorted(_MODELS)
