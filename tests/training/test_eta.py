@@ -48,7 +48,7 @@ def test_the_first_estimate_takes_the_fastest_timed_step(monkeypatch):
     for step in range(4):
         e.on_step_end(t, 0, step, 1.0)
     # 5.5 s a step: 6 steps left of epoch 1 (33 s), epoch 2 (55 s), the end (END_SECONDS)
-    assert len(logs) == 1 and f"about {eta._duration(33 + 55 + eta.END_SECONDS)} on this CPU" in logs[0]
+    assert len(logs) == 1 and f"about {eta.duration(33 + 55 + eta.END_SECONDS)} on this CPU" in logs[0]
     assert "(measured 3 steps)" in logs[0]
 
 

@@ -1,4 +1,6 @@
 """train() end to end: synthetic folders, a config file, the fast and photo recipes, real CIFAR-10 and MNIST."""
+import json
+
 import pytest
 import torch
 
@@ -106,6 +108,14 @@ def test_photo_recipe_fine_tunes_pretrained_backbone(tmp_path, capsys):
     assert "recipe = \"photo\"" in (r.run_dir / "config.toml").read_text()
     assert r.test_metrics["top1"] >= 0.75
     assert r.best_epoch == 2 and "val skipped" in out  # validated after the last epoch only; its weights kept
+    assert r.test_metrics["weights"] == "last (epoch 2)"
+    # the plan, timed here, before the first epoch; the time taken checked against it at the end
+    lines = out.splitlines()
+    plan = next(i for i, line in enumerate(lines) if line.startswith("plan   efficientnet-lite0, 1 head-only epoch"))
+    assert plan < next(i for i, line in enumerate(lines) if line.startswith("epoch "))
+    assert "1 fine-tuning (80px x1), stem + 4 blocks frozen, tested at 80px: about" in lines[plan]
+    timing = json.loads((r.run_dir / "run.json").read_text())["plan"]
+    assert timing["planned_seconds"] > 0 and timing["seconds"] > 0 and "the plan said" in out
 
 
 def test_fast_recipe_trains_and_reports_tta(tiny_folder, tmp_path, capsys):

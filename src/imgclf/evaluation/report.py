@@ -180,7 +180,9 @@ def render_html(run_dir: Path, info: dict[str, Any], history: list[dict[str, flo
         if best and history and best <= len(history):
             row = history[int(best) - 1]
             took = _duration(sum(r["seconds"] for r in history))
-            parts.append(f"<p>Best epoch <b>{best}</b> of {len(history)}: {_val_label(info)} loss "
+            kept = (f"The run keeps its last epoch (<b>{best}</b>), the only one validated"
+                    if info.get("val_every") == 0 else f"Best epoch <b>{best}</b> of {len(history)}")
+            parts.append(f"<p>{kept}: {_val_label(info)} loss "
                          f"{row['val_loss']:.4f}, accuracy {row['val_acc']:.2%}. Training took {took}.</p>")
     else:
         parts.append("<p class='muted'>No epochs recorded.</p>")

@@ -26,7 +26,7 @@ from ..config import TrainConfig, progressive_sizes
 from ..data.shards import ImageRows
 from ..data.tensors import Normalizer, chunks, to_tensor
 from ..errors import ImgclfError
-from ..inference import autocast_context
+from ..inference import autocast_context, eval_chunk
 from .augment import alternating_flip
 
 PREFETCH = 3  # batches read ahead: enough to hide a slow disk read behind a step, a few batches of memory
@@ -113,7 +113,8 @@ class _Batches:
         t0, out = time.perf_counter(), []
         was_training = model.training
         model.eval()
-        for xb in self._all(batch_size):
+        chunk = eval_chunk(batch_size, self.image_size ** 2, self.device)
+        for xb in self._all(chunk):
             xb = self.normalizer(xb).contiguous(memory_format=self.memory_format)
             with autocast_context(self.device, dtype):
                 out.append(model.forward_features(xb).float())

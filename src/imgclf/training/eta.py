@@ -57,11 +57,8 @@ class Eta(Callback):
             left = (1 - (step + 1) / trainer.batches.steps_per_epoch) * epoch_seconds
             left += self._after(trainer, epoch, epoch_seconds, size, include_this_validation=True)
             total = time.monotonic() - trainer.started + left
-            prec = "bf16" if trainer.setup.autocast_dtype else "fp32"
-            where = (f" on this CPU ({torch.backends.cpu.get_cpu_capability()}, {prec})"
-                     if trainer.setup.device.type == "cpu" else f" on {trainer.setup.device}")
-            trainer.log(f"eta    the whole run: about {_duration(total)}{where}, ending around {_clock(left)} "
-                        f"(measured {timed} steps)")
+            trainer.log(f"eta    the whole run: about {duration(total)} {where(trainer.setup)}, "
+                        f"ending around {_clock(left)} (measured {timed} steps)")
             self.said_first = True
 
     def on_epoch_end(self, trainer, row):
@@ -74,7 +71,7 @@ class Eta(Callback):
             return
         size = trainer.batches.input_size(state.epoch - 1, state.epochs)
         left = self._after(trainer, state.epoch - 1, row["seconds"], size, include_this_validation=False)
-        trainer.log(f"eta    about {_duration(left)} left, ending around {_clock(left)}")
+        trainer.log(f"eta    about {duration(left)} left, ending around {_clock(left)}")
 
     def _after(self, trainer, epoch: int, epoch_seconds: float, size: int, include_this_validation: bool) -> float:
         """Seconds from the end of ``epoch`` (trained in ``epoch_seconds`` at ``size`` px) to the run's end."""
@@ -114,7 +111,14 @@ def epoch_is_head_only(trainer, epoch: int) -> bool:
     return epoch < (trainer.cfg.freeze_epochs or 0)
 
 
-def _duration(seconds: float) -> str:
+def where(setup) -> str:
+    """"on this CPU (AVX2, fp32)": what a time figure was measured on."""
+    prec = "bf16" if setup.autocast_dtype else "fp32"
+    return (f"on this CPU ({torch.backends.cpu.get_cpu_capability()}, {prec})" if setup.device.type == "cpu"
+            else f"on {setup.device}")
+
+
+def duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 90:
         return f"{seconds:.0f} s"

@@ -5,6 +5,7 @@ deliverable checkpoint stamped with its test metrics, run.json, the report, and 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..evaluation.evaluate import tta_metrics
 from ..evaluation.metrics import evaluation_from_logits
 from ..inference import predict_logits
+from .eta import duration
 
 
 @dataclass
@@ -49,6 +51,9 @@ def finish(t, status: str) -> TrainResult:
     t.write_run_json(status, epochs_done=state.epoch, best_epoch=state.best_epoch, test_metrics=test_metrics)
     if status != "interrupted":
         _write_report(t, evaluation)
+        if t.setup.plan is not None:  # the time taken, report included, against the plan's
+            t.write_run_json(status, epochs_done=state.epoch, best_epoch=state.best_epoch,
+                             test_metrics=test_metrics, plan=_check_plan(t))
     print(t.run_dir, flush=True)  # the last line printed: the run folder
     return TrainResult(**result, test_metrics=test_metrics)
 
@@ -80,7 +85,9 @@ def _final_test(t):
         evaluation.metrics.update(split="test", data=setup.ds.source,
                                   checkpoint=str(t.run_dir / f"{final}.safetensors"))
         m = test_metrics
-        m["weights"] = f"{final} (epoch {final_epoch})"
+        # validated only after the last epoch (--val-every 0), "best" is the last: say which it is
+        kept_last = final == "last" or (cfg.val_every == 0 and final_epoch == state.epoch)
+        m["weights"] = f"{'last' if kept_last else 'best'} (epoch {final_epoch})"
         t.log(f"test   loss {m['loss']:.4f}  top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  "
               f"on {m['n']:,} images ({m['weights']})")
         if cfg.tta not in (None, "none"):
@@ -95,6 +102,16 @@ def _final_test(t):
         meta["test_metrics"] = test_metrics
         save_checkpoint(target, ckpt.state_dict, meta)
     return test_metrics, evaluation
+
+
+def _check_plan(t) -> dict[str, Any]:
+    """Logs the time taken so far against the plan's; -> run.json's ``plan``."""
+    plan, setup = t.setup.plan, t.setup
+    planned = plan.started_at - t.started + plan.seconds
+    took = time.monotonic() - t.started
+    t.log(f"time   {duration(took)} in all; the plan said {duration(planned)} ({took / planned - 1:+.0%})")
+    return {"description": plan.describe(setup.ds.image_size), "planned_seconds": round(planned, 1),
+            "seconds": round(took, 1)}
 
 
 def _test_tta(t, plain_top1: float, plain_logits: torch.Tensor) -> dict[str, Any]:

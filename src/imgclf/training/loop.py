@@ -153,7 +153,8 @@ def end_epoch(t, epoch: int, train_loss: float, train_acc: float, seconds: float
     row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
            "val_acc": val_acc, "lr": lr, "seconds": seconds}
     score = {"val_loss": val_loss, "val_acc": val_acc}[cfg.monitor] if setup.val is not None else train_loss
-    scored = validate or setup.val is None  # --val-every skips some epochs: neither better nor worse
+    # --val-every skips some epochs: neither better nor worse; with 0 only the last is scored, on train loss too
+    scored = validate or (setup.val is None and (every > 0 or epoch + 1 >= state.epochs))
     if state.scheduler is not None and cfg.schedule == "plateau" and scored:
         state.scheduler.step(score)
     improved = state.record(score, lower_is_better=cfg.monitor == "val_loss" or setup.val is None, scored=scored)

@@ -36,6 +36,7 @@ from ..utils import available_memory, resolve_device
 from .augment import ALTERNATING_FLIP, build_augment
 from .batches import InMemoryBatches, StreamedBatches
 from .budget import FIXED_END_SECONDS, measure_and_plan
+from .photo_plan import PhotoPlan, plan_photos
 from .precision import autocast_dtype
 
 INIT_SAMPLE = 5000  # training images a model's data-dependent init looks at
@@ -60,6 +61,7 @@ class Setup:
     decode_args: dict                     # how the data was asked for: evaluate/export ask the same way
     budget_end_seconds: float | None      # with --time-budget: what the final evaluation and files need
     resume: Checkpoint | None             # `last` of the run being resumed
+    plan: PhotoPlan | None                # a photo run's plan, timed on this machine
     notes: tuple[str, ...]
 
     @property
@@ -109,9 +111,13 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
     notes += _imbalance_notes(cfg, ds.train.y, ds.classes)
     if ds.skipped:
         notes.append(f"skipped {len(ds.skipped)} unreadable image(s); listed in run.json")
-    val, val_name = _choose_validation(ds, notes)
-    budget_end = None
-    if cfg.time_budget is not None and resume is None:  # rank 0 plans, every process follows
+    val, val_name = _choose_validation(ds, notes, keeps_last=cfg.val_every == 0)
+    budget_end, plan = None, None
+    if cfg.recipe == "photo" and resume is None:  # rank 0 plans, every process follows
+        plan = world.from_main(lambda: _plan_photos(cfg, user_cfg, ds, val, device, started))
+        cfg, budget_end = plan.cfg, plan.end_seconds if plan.cfg.time_budget is not None else None
+        notes += plan.why
+    elif cfg.time_budget is not None and resume is None:
         cfg, budget_end, why = world.from_main(
             lambda: _plan_time_budget(cfg, user_cfg, ds, val, device, started))
         notes += why
@@ -155,7 +161,7 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
                  normalizer=normalizer, autocast_dtype=dtype, batches=batches, val_tensors=val_tensors,
                  fine_tuning=fine_tuning, start=start,
                  decode_args={"image_size": image_size, "channels": channels}, budget_end_seconds=budget_end,
-                 resume=resume, notes=tuple(notes))
+                 resume=resume, plan=plan, notes=tuple(notes))
 
 
 def _freeze_blocks(model: ImageClassifier, n: int, fine_tuning: bool, notes: list[str]) -> None:
@@ -204,6 +210,15 @@ def _build_model(cfg: TrainConfig, ds: Dataset, init, resume, notes: list[str]) 
                          pretrained=pretrained)
     notes += model.pretrained_notes
     return model
+
+
+def _plan_photos(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val, device: torch.device,
+                 started: float) -> PhotoPlan:
+    """The photo recipe's epochs for this folder's size, and with --time-budget (or a run that would take
+    longer than photo_plan.DEFAULT_BUDGET) the crops, frozen depth and epochs that fit, timed on this machine."""
+    n_eval = (0 if val is None or val is ds.test else len(val.y)) + split_size(ds.test)
+    return plan_photos(cfg, user_cfg, len(ds.train.y), n_eval, len(ds.classes), ds.image_size, device,
+                       elapsed=lambda: time.monotonic() - started)
 
 
 def _plan_time_budget(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val, device: torch.device,
@@ -308,16 +323,25 @@ def _imbalance_notes(cfg: TrainConfig, y: np.ndarray, classes: list[str]) -> lis
     return []
 
 
-def _choose_validation(ds: Dataset, notes: list[str]):
+def _choose_validation(ds: Dataset, notes: list[str], keeps_last: bool):
+    """-> (the split each validation scores, how the log names it). ``keeps_last``: the recipe validates only
+    after the last epoch (--val-every 0), so no epoch is chosen on the split."""
     if ds.val is not None:
         share = len(ds.val.y) / (len(ds.val.y) + len(ds.train.y))
         how = "val/ folder" if ds.val_origin == "val-folder" else f"{share:.0%} of train, stratified"
         return ds.val, f"validation set: {len(ds.val.y):,} images ({how})"
+    if ds.test is not None and keeps_last:
+        notes.append("no validation set (no val/ folder, --val-split 0): the last epoch's weights are kept and "
+                     "scored once on the TEST set; no epoch is chosen on it")
+        return ds.test, f"none; the TEST set ({len(ds.test.y):,} images) scores the last epoch"
     if ds.test is not None:
         notes.append("no validation set (no val/ folder, --val-split 0): validating on the TEST set, "
                      "as the seeds do; the best epoch is then chosen on test data, so for an "
                      "unbiased test score pass --val-split 0.1")
         return ds.test, f"TEST set used for validation: {len(ds.test.y):,} images"
+    if keeps_last:
+        notes.append("no validation or test data: the last epoch's weights are kept")
+        return None, "none (the last epoch is kept)"
     notes.append("no validation or test data: the best epoch is the one with the lowest train loss")
     return None, "none (best epoch by train loss)"
 

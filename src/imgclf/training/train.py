@@ -27,7 +27,7 @@ from ..errors import ImgclfError
 from ..utils import atomic_write_text
 from . import distributed
 from .callbacks import Callback, Checkpointing, EarlyStopping, FrozenBatchNorm, StopOnSigint, TimeBudget
-from .eta import Eta
+from .eta import Eta, duration, where
 from .final import TrainResult, finish
 from .loop import fit
 from .run_folder import RunLock, checkpoint_meta, new_run_dir, write_metrics_csv, write_run_json
@@ -182,6 +182,9 @@ class Trainer:
         self.log(f"model  {cfg.model} ({s.start}): {params:,} parameters; {cfg.optimizer} lr {cfg.resolved_lr():g}"
                  f" ({cfg.schedule}), batch {cfg.batch_size}, {cfg.epochs} epochs{freeze}, augment {cfg.augment}"
                  f"{_progressive_note(cfg, ds.image_size)}; {s.device} {prec}")
+        if s.plan is not None:
+            total = s.plan.started_at - self.started + s.plan.seconds
+            self.log(f"plan   {s.plan.describe(ds.image_size)}: about {duration(total)} in all {where(s)}")
         self.log(f"valid  {s.val_name}")
         for note in self.notes:
             self.log(f"note   {note}")
