@@ -30,6 +30,7 @@ from imgclf.data.probe import ImageProbe
 from imgclf.models import create_model
 from imgclf.recipes import resolve
 from imgclf.training.augment import build_augment
+from imgclf.training.callbacks import keep_batchnorm_statistics
 from imgclf.training.optim import build_optimizer
 
 GROUPS = ("depthwise conv", "pointwise conv", "other conv", "batchnorm", "activation", "copies, padding",
@@ -40,14 +41,10 @@ def make_step(model_name: str, size: int, crop: int, freeze: int, batch: int):
     cfg = resolve(TrainConfig(data="photos", model=model_name), probe=ImageProbe(375))[0]
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=6, image_size=size).to(memory_format=torch.channels_last)
-    for block in model.early_blocks()[:freeze]:
-        for p in block.parameters():
-            p.requires_grad_(False)
+    model.freeze_early_blocks(freeze)
     opt = build_optimizer(cfg, model, cfg.backbone_lr_mult)
     model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    keep_batchnorm_statistics(model)  # as fine-tuning trains
     augment, g = build_augment("photo", size), torch.Generator().manual_seed(0)
     raw = torch.randint(0, 256, (batch, 3, size * 8 // 7, size * 8 // 7), dtype=torch.uint8)
     y = torch.randint(0, 6, (batch,))

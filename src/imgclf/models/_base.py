@@ -55,6 +55,12 @@ class ImageClassifier(nn.Module):
         model cannot freeze a prefix)."""
         return []
 
+    def freeze_early_blocks(self, n: int) -> None:
+        """The first ``n`` of :meth:`early_blocks` keep their weights: no gradient reaches them."""
+        for block in self.early_blocks()[:n]:
+            for p in block.parameters():
+                p.requires_grad_(False)
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 

@@ -120,9 +120,14 @@ class FrozenBatchNorm(Callback):
     instead of 69.2 %); their scale and shift still learn."""
 
     def on_epoch_start(self, trainer, epoch):
-        for m in trainer.model.modules():
-            if isinstance(m, _BatchNorm):
-                m.eval()
+        keep_batchnorm_statistics(trainer.model)
+
+
+def keep_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """BatchNorm layers to inference mode (their running statistics used and kept), the rest as they are."""
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
 
 
 class StopOnSigint(Callback):

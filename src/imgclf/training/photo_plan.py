@@ -37,6 +37,7 @@ from ..inference import eval_chunk
 from ..models import create_model
 from .augment import build_augment
 from .budget import SAFETY
+from .callbacks import keep_batchnorm_statistics
 from .eta import TIMED_EVAL_PIXELS
 from .optim import build_optimizer
 
@@ -95,10 +96,15 @@ def plan_photos(cfg: TrainConfig, user_cfg: TrainConfig, n_train: int, n_eval: i
                           f"at most {MAX_IMAGES:,} images for a large one") + " (--epochs to choose)")
         cfg = dataclasses.replace(cfg, epochs=epochs)
     speeds = _Speeds(cfg, num_classes, image_size, device)
+
+    def made(plan_cfg: TrainConfig, notes: list[str]) -> PhotoPlan:
+        return PhotoPlan(plan_cfg, _predict(plan_cfg, speeds, n_train, n_eval, image_size), t0,
+                         n_eval / speeds.eval_ips() + END_SECONDS, [*notes, speeds.describe()])
+
     if cfg.time_budget is None:
         seconds = _predict(cfg, speeds, n_train, n_eval, image_size)
         if user_cfg.epochs is not None or elapsed() + seconds <= DEFAULT_BUDGET:
-            return PhotoPlan(cfg, seconds, t0, _end_seconds(speeds, n_eval), [*why, speeds.describe()])
+            return made(cfg, why)
         why.append(f"the recipe would take about {(elapsed() + seconds) / 60:.0f} min here: planned to end within "
                    f"{DEFAULT_BUDGET / 60:.0f} min (--time-budget or --epochs to choose)")
         cfg = dataclasses.replace(cfg, time_budget=DEFAULT_BUDGET)
@@ -129,7 +135,7 @@ def plan_photos(cfg: TrainConfig, user_cfg: TrainConfig, n_train: int, n_eval: i
         seconds = _predict(cheapest, speeds, n_train, n_eval, image_size)
         why[-1] = (f"the recipe would take about {(elapsed() + seconds) / 60:.0f} min here even with 1 epoch, "
                    f"smaller crops and more frozen; --fraction trains on fewer photos")
-        return PhotoPlan(cheapest, seconds, t0, _end_seconds(speeds, n_eval), [*why, speeds.describe()])
+        return made(cheapest, why)
     if not fits:
         need = _predict(dataclasses.replace(trials[-1], epochs=cfg.freeze_epochs + 1), speeds, n_train, n_eval,
                         image_size)
@@ -138,9 +144,7 @@ def plan_photos(cfg: TrainConfig, user_cfg: TrainConfig, n_train: int, n_eval: i
                           f"{need / SAFETY:.0f}s on this machine: raise --time-budget, or train on fewer photos "
                           "(--fraction) or smaller ones (--image-size)")
     best = best or max(fits, key=lambda f: f.epochs)  # the most epochs; of equals, the larger crops
-    why += [f"time budget: {seconds_left():.0f}s left after start-up and decoding", speeds.describe()]
-    return PhotoPlan(best, _predict(best, speeds, n_train, n_eval, image_size), t0, _end_seconds(speeds, n_eval),
-                     why)
+    return made(best, [*why, f"time budget: {seconds_left():.0f}s left after start-up and decoding"])
 
 
 def _scale(progressive: str | None) -> float | None:
@@ -175,11 +179,7 @@ def _predict(cfg: TrainConfig, speeds: _Speeds, n_train: int, n_eval: int, image
     seconds += min(n_train, max(16, TIMED_EVAL_PIXELS // image_size ** 2)) / eval_ips  # the ETA's timing
     for size in sizes:
         seconds += n_train / speeds.train_ips(cfg.freeze_blocks, size)
-    return seconds + _end_seconds(speeds, n_eval)
-
-
-def _end_seconds(speeds: _Speeds, n_eval: int) -> float:
-    return n_eval / speeds.eval_ips() + END_SECONDS
+    return seconds + n_eval / eval_ips + END_SECONDS
 
 
 class _Speeds:
@@ -213,9 +213,7 @@ class _Speeds:
     def _model(self, freeze: int | None):
         model = create_model(self.cfg.model, num_classes=self.k, in_channels=3, image_size=self.image_size)
         model = model.to(self.device, memory_format=torch.channels_last)
-        for block in model.early_blocks()[:freeze or 0]:
-            for p in block.parameters():
-                p.requires_grad_(False)
+        model.freeze_early_blocks(freeze or 0)
         return model
 
     def _measure(self, freeze: int | None, size: int) -> None:
@@ -236,9 +234,7 @@ class _Speeds:
             augment, g = build_augment(self.cfg.augment, side), torch.Generator(self.device).manual_seed(0)
             opt = build_optimizer(self.cfg, model)
             model.train()
-            for m in model.modules():  # fine-tuning keeps BatchNorm in inference mode (FrozenBatchNorm)
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            keep_batchnorm_statistics(model)  # as fine-tuning trains
 
             def step():  # as the loop's: the batch augmented and resized on the device, then the update
                 x = augment(raw, g)

@@ -175,9 +175,7 @@ def _freeze_blocks(model: ImageClassifier, n: int, fine_tuning: bool, notes: lis
     if n >= len(blocks):
         raise ImgclfError(f"--freeze-blocks {n}: the model has {len(blocks)} (stem included); freezing all of them "
                           "leaves only the head, which --freeze-epochs does")
-    for block in blocks[:n]:
-        for p in block.parameters():
-            p.requires_grad_(False)
+    model.freeze_early_blocks(n)
     notes.append(f"fine-tuning: the stem and first {n - 1} blocks keep their pretrained weights (--freeze-blocks {n})")
 
 
