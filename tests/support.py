@@ -1,5 +1,5 @@
 """Helpers the test modules share: where the real datasets are, the CLI in-process, a local HTTP server,
-a short training run, and a callback that stops one at a chosen step."""
+`imgclf serve`'s app on a real port, a short training run, and a callback that stops one at a chosen step."""
 from __future__ import annotations
 
 import contextlib
@@ -108,3 +108,25 @@ def cli_flags(settings: dict) -> list[str]:
     for k, v in settings.items():
         out += [f"--{k.replace('_', '-')}", str(v)]
     return out
+
+
+@contextlib.contextmanager
+def uvicorn_thread(app):
+    """uvicorn on 127.0.0.1 and a free port, in a thread, with the options `imgclf serve` uses -> port."""
+    import uvicorn
+
+    from imgclf.deploy.serve import uvicorn_options
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           **uvicorn_options(app.state.config)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(10)

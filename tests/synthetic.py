@@ -62,3 +62,22 @@ def colour_folder(root: Path, n_train: int = 24, n_test: int = 8, size: int = 32
     """train/<class>/*.png and test/<class>/*.png of noisy colour patches: the training tests' dataset."""
     spec = {f"{split}/{cls}": n for split, n in (("train", n_train), ("test", n_test)) for cls in classes}
     return image_folder(root, spec, size=size, mode=mode, noise=40.0, seed=seed)
+
+
+def video_clip(path: Path, colours, seconds: float = 1.0, fps: int = 10, size=(96, 64), noise: float = 20.0,
+               seed: int = 0, fmt: str | None = None, codec: str = "libx264", **options) -> Path:
+    """A video of noisy colour segments, ``seconds`` each at ``fps``: e.g. colours=("red", "blue") gives a
+    red second, then a blue one. ``options`` go to the muxer (e.g. movflags="faststart")."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w", format=fmt, options={k: str(v) for k, v in options.items()}) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for colour in colours:
+            rgb = COLOURS.get(colour, colour)
+            for _ in range(round(seconds * fps)):
+                frame = av.VideoFrame.from_ndarray(pixels(rgb, size, noise, rng), format="rgb24")
+                out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path

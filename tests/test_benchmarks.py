@@ -89,3 +89,18 @@ def test_serve_soak_in_small(tiny_run):
     assert r["slow_cut"]["headers"]["n"] >= 1 and r["slow_answered_408"] >= 1
     assert r["queued_at_end"] == 0 and r["server_log"]["tracebacks"] == 0
     assert r["sigterm_to_exit_s"] is not None and r["sigterm_to_exit_s"] < 10 and r["rss_mb"]["samples"] >= 3
+
+
+@pytest.mark.realdata
+def test_video_benchmark_clip_is_two_photos_a_class(tmp_path):
+    vb = _load("video")
+    if not vb.WEATHER.is_file():
+        pytest.skip(f"{vb.WEATHER} not present")
+    from imgclf.data.video import VideoSource
+
+    names = vb.make_clip(tmp_path / "clip.mp4", size=(160, 90), fps=2, seconds=1)
+    assert [n.split("/")[0] for n in names] == [c for c in vb.CLASSES for _ in range(2)]
+    with VideoSource(tmp_path / "clip.mp4") as video:
+        frames = list(video.frames())
+    assert video.size == (160, 90) and len(frames) == 16
+    assert frames[0].image.getpixel((80, 45)) != frames[-1].image.getpixel((80, 45))  # the photos differ

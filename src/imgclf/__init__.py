@@ -24,7 +24,7 @@ from .evaluation.inspect import inspect  # noqa: E402
 from .evaluation.metrics import Evaluation  # noqa: E402
 from .evaluation.report import report  # noqa: E402
 from .evaluation.runs import compare, runs  # noqa: E402
-from .inference import Prediction  # noqa: E402
+from .inference import FramePrediction, Prediction  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 from .onnx_runtime import OnnxClassifier  # noqa: E402
 from .training.callbacks import Callback  # noqa: E402
@@ -32,6 +32,7 @@ from .training.train import TrainResult, train  # noqa: E402
 
 __all__ = [
     "__version__", "train", "evaluate", "load", "create_model", "list_models", "load_dataset",
-    "TrainConfig", "TrainResult", "Callback", "Classifier", "Prediction", "Dataset", "Preprocess", "ImgclfError",
+    "TrainConfig", "TrainResult", "Callback", "Classifier", "Prediction", "FramePrediction", "Dataset",
+    "Preprocess", "ImgclfError",
     "report", "inspect", "compare", "runs", "calibrate", "Evaluation", "export", "OnnxClassifier",
 ]

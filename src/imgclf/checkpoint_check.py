@@ -235,15 +235,19 @@ def check_layout(meta: dict, layout: dict[str, tuple[list[int], str]]) -> list[s
     return [k for k, ref in expected.items() if ref.is_floating_point()]
 
 
+_IN_PLACE = (torch.Tensor.normal_, torch.Tensor.div_, torch.Tensor.__itruediv__)
+
+
 class _NoInit(TorchFunctionMode):
     """On the meta device only shapes matter: weight initialisation is skipped (``torch.nn.init`` functions and
-    ``normal_`` return their tensor, ``std()`` an empty scalar). A speed-up, nothing else: the first ``normal_`` or
-    ``std`` on meta tensors imports torch._dynamo, 1.2 s of a CLI call that loads a FastNet or ResNet."""
+    ``normal_`` and in-place division return their tensor, ``std()`` an empty scalar). A speed-up, nothing else:
+    the first ``normal_`` or ``std`` on meta tensors imports torch._dynamo, 1.2 s of a CLI call that loads a
+    FastNet or ResNet, and the first in-place division (FastNet's head) sympy, 0.9 s."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         module, name = getattr(func, "__module__", None), getattr(func, "__name__", "")
-        if (module == "torch.nn.init" and name.endswith("_")) or func is torch.Tensor.normal_:
+        if (module == "torch.nn.init" and name.endswith("_")) or func in _IN_PLACE:
             return args[0] if args else kwargs["tensor"]
         if func is torch.Tensor.std and len(args) == 1 and not kwargs:
             return args[0].new_empty(())

@@ -133,14 +133,44 @@ def evaluate(
 @app.command()
 def predict(
     model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint or .onnx file."),
-    paths: List[str] = typer.Argument(..., help="Image files, folders or globs."),
+    paths: Optional[List[str]] = typer.Argument(None, help="Image files, folders or globs."),
     top_k: int = typer.Option(3, help="How many classes to show per image."),
-    fmt: Format = typer.Option(Format.table, "--format", help="table, json or csv."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, json or csv (one line per frame for "
+                               "--source)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    source: Optional[str] = typer.Option(None, help="Label a video instead: a file, a camera index (0) or a "
+                                         "stream URL (rtsp://, http://); Ctrl-C stops."),
+    every: int = typer.Option(1, help="--source: classify every Nth frame."),
+    smooth: int = typer.Option(1, help="--source: average the probabilities of the last N classified frames."),
+    save: Optional[str] = typer.Option(None, help="--source: write the video with the labels drawn on it "
+                                       "(.mp4, .mkv, .mov, .webm or .avi)."),
+    batch_size: Optional[int] = typer.Option(None, help="--source: most frames per forward pass (default 32; a "
+                                             "camera or stream sends those waiting)."),
+    timeout: float = typer.Option(10.0, help="--source: seconds a camera or stream may give no frame."),
 ):
-    """Predict classes for images; unreadable files get their own error line (exit 1 if any)."""
+    """Predict classes for images, or for every frame of a video (--source); unreadable files get their own
+    error line (exit 1 if any)."""
     from .classifier import expand_inputs, load
 
+    if source is not None:
+        if paths:
+            raise ImgclfError("give images or --source, not both")
+        from .data.video import VideoError
+        from .deploy.video import label_video
+
+        try:
+            summary = label_video(load(model, device=device), source, top_k=top_k, every=every, smooth=smooth,
+                                  batch_size=batch_size, save=save, fmt=fmt.value, timeout=timeout)
+        except VideoError as e:  # the frames before it were printed (and saved): say how many, then why
+            if getattr(e, "summary", None):
+                typer.echo(e.summary.line(), err=True)
+            raise
+        typer.echo(summary.line(), err=True)
+        if summary.stopped == "interrupted":
+            raise typer.Exit(130)
+        return
+    if not paths:
+        raise ImgclfError("give image files, folders or globs to predict, or --source for a video")
     clf = load(model, device=device)
     files = expand_inputs(paths)
     if not files:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,24 @@ class Prediction:
         return d
 
 
+@dataclass
+class FramePrediction:
+    """Top-k of one sampled frame of a video (smoothed over the last frames when asked)."""
+    index: int                                                   # the frame's position in the source, from 0
+    time: float                                                  # seconds from the first frame
+    top: list[tuple[str, float]] = field(default_factory=list)   # (class name, probability), best first
+    frames: list = field(default_factory=list, repr=False)       # with keep_frames: this frame and the
+                                                                 # unsampled ones after it (data.video.Frame)
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frame": self.index, "time": round(self.time, 3),
+                "top": [{"class": c, "probability": round(p, 6)} for c, p in self.top]}
+
+
 class BaseClassifier:
     """Classes + preprocessing + a ``logits`` backend -> predictions for any image. Subclasses (PyTorch:
     :class:`Classifier`; ONNX Runtime: :class:`imgclf.onnx_runtime.OnnxClassifier`) set ``classes``,
@@ -167,6 +187,58 @@ class BaseClassifier:
             for (i, _), top in zip(good, self.rank(probs, k)):
                 results[i].top = top
         return results
+
+    def predict_video(self, source, top_k: int = 3, every: int = 1, smooth: int = 1, batch_size: int | None = None,
+                      timeout: float | None = None, keep_frames: bool = False) -> Iterator[FramePrediction]:
+        """Top-k per frame of a video file, camera index (0), stream URL or open ``VideoSource``, in order,
+        as the frames arrive: every ``every``-th frame is classified, with the same preprocessing as a photo;
+        ``smooth`` > 1 averages the probabilities of the last ``smooth`` classified frames. Frames go to the
+        model up to ``batch_size`` (32) at a time: from a file always that many; from a camera or endless
+        stream those waiting, so a model that keeps up labels each frame as it comes and one that falls behind
+        batches more. A video that breaks off raises :class:`~imgclf.data.video.VideoError` after the frames
+        before it."""
+        from .data.video import VideoError, VideoSource
+
+        if every < 1 or smooth < 1:
+            raise ImgclfError(f"every and smooth must be at least 1, got {every} and {smooth}")
+        if top_k < 1:
+            raise ImgclfError(f"top_k must be at least 1, got {top_k}")
+        video = source if isinstance(source, VideoSource) else VideoSource(source, timeout)
+        batch = batch_size or 32
+
+        def due() -> bool:
+            return len(pending) >= batch or (video.live and video.waiting() == 0)
+        recent: deque[np.ndarray] = deque(maxlen=smooth)
+        pending: list[FramePrediction] = []
+        arrays: list[np.ndarray] = []
+
+        def flush() -> Iterator[FramePrediction]:
+            for rec, p in zip(pending, self.predict_proba(arrays, batch_size=len(arrays)) if arrays else []):
+                recent.append(p)
+                rec.top = self.rank(np.mean(recent, axis=0)[None], top_k)[0]
+                yield rec
+            pending.clear()
+            arrays.clear()
+
+        try:
+            for frame in video.frames(every, prepare=self._to_array, min_side=self.preprocess.image_size):
+                if frame.sampled:
+                    if pending and due():  # the last group is whole: its unsampled frames are in
+                        yield from flush()
+                    pending.append(FramePrediction(frame.index, frame.time, frames=[frame] if keep_frames else []))
+                    arrays.append(frame.prepared)
+                    if not keep_frames and due():
+                        yield from flush()
+                elif keep_frames and pending:
+                    pending[-1].frames.append(frame)
+        except VideoError:
+            yield from flush()
+            raise
+        else:
+            yield from flush()
+        finally:
+            if video is not source:
+                video.close()
 
     def rank(self, probs: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """(N, num_classes) probabilities -> per image the top-k (class name, probability), best first."""

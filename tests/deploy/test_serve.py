@@ -25,11 +25,11 @@ from PIL import Image
 import imgclf
 from imgclf.deploy import serve as serve_module
 from imgclf.deploy.export import export
-from imgclf.deploy.serve import ServeConfig, create_app, uvicorn_options
+from imgclf.deploy.serve import ServeConfig, create_app
 from imgclf.deploy.serve.batcher import MicroBatcher, Overloaded
 from imgclf.evaluation.evaluate import compute_evaluation
 
-from support import CHROMIUM, CIFAR_JPEG
+from support import CHROMIUM, CIFAR_JPEG, free_port, uvicorn_thread
 from synthetic import COLOURS, pixels
 
 CONFIG = ServeConfig(max_files=4, max_upload_bytes=300_000, max_pixels=2_000_000)
@@ -194,37 +194,10 @@ def _real_photo(tmp_path: Path) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _uvicorn(app):
-    """uvicorn on 127.0.0.1 and a free port, in a thread, with the options `imgclf serve` uses -> port."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           **uvicorn_options(app.state.config)))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture
 def live_server(tiny_run):
     """uvicorn on 127.0.0.1 and a free port, in a thread, for the length of one test."""
-    with _uvicorn(create_app(tiny_run.run_dir)) as port:
+    with uvicorn_thread(create_app(tiny_run.run_dir)) as port:
         yield f"http://127.0.0.1:{port}"
 
 
@@ -309,7 +282,7 @@ def _until_closed(sock: socket.socket, dribble: list[bytes] = (), every: float =
 
 @pytest.fixture(scope="module")
 def guarded_port(tiny_run):
-    with _uvicorn(create_app(tiny_run.run_dir, GUARDED)) as port:
+    with uvicorn_thread(create_app(tiny_run.run_dir, GUARDED)) as port:
         yield port
 
 
@@ -449,7 +422,7 @@ def test_formats_outside_the_list_get_415(client, monkeypatch):
 
 
 def _serve_subprocess(run_dir, *args) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(run_dir), "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
     deadline = time.monotonic() + 60
