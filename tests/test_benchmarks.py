@@ -104,3 +104,19 @@ def test_video_benchmark_clip_is_two_photos_a_class(tmp_path):
         frames = list(video.frames())
     assert video.size == (160, 90) and len(frames) == 16
     assert frames[0].image.getpixel((80, 45)) != frames[-1].image.getpixel((80, 45))  # the photos differ
+
+
+def test_gradcam_hides_the_hottest_pixels_with_the_mean():
+    import numpy as np
+
+    gc = _load("gradcam")
+    heat = np.zeros((4, 5), np.float32)
+    heat[1, 2], heat[3, 4], heat[0, 0] = 1.0, 0.8, 0.5
+    rng = np.random.default_rng(0)
+    assert list(gc.hottest(heat, 0.15, rng)) == [7, 19, 0]  # 3 of 20 pixels, hottest first
+    ties = {tuple(sorted(gc.hottest(np.zeros((4, 5)), 0.2, rng))) for _ in range(5)}
+    assert len(ties) > 1  # a flat map hides random pixels, not always the first row
+    image = np.full((4, 5, 3), 9, np.uint8)
+    out = gc.hide(image, np.array([7, 19]), np.array([124, 116, 104], np.uint8))
+    assert (out[1, 2] == [124, 116, 104]).all() and (out[3, 4] == [124, 116, 104]).all()
+    assert (out == 9).all(axis=2).sum() == 18 and (image == 9).all()  # the input is untouched

@@ -76,15 +76,18 @@ def test_the_cycle_finder_finds_one():
 
 def test_layers_import_downwards_only():
     """data and models import nothing above them; inference and the classifiers nothing of training,
-    evaluation, deploy or the command line; training, evaluation and deploy never the command line."""
+    evaluation, deploy or the command line, and Grad-CAM (explain) sits between the two; training,
+    evaluation and deploy never the command line."""
     graph = import_graph()
     above = {
-        "imgclf.data": ("imgclf.inference", "imgclf.classifier", "imgclf.onnx_runtime", "imgclf.training",
-                        "imgclf.evaluation", "imgclf.deploy", "imgclf.cli", "imgclf.models"),
-        "imgclf.models": ("imgclf.inference", "imgclf.classifier", "imgclf.onnx_runtime", "imgclf.training",
-                          "imgclf.evaluation", "imgclf.deploy", "imgclf.cli", "imgclf.data"),
-        "imgclf.inference": ("imgclf.classifier", "imgclf.training", "imgclf.evaluation", "imgclf.deploy",
-                             "imgclf.cli"),
+        "imgclf.data": ("imgclf.inference", "imgclf.explain", "imgclf.classifier", "imgclf.onnx_runtime",
+                        "imgclf.training", "imgclf.evaluation", "imgclf.deploy", "imgclf.cli", "imgclf.models"),
+        "imgclf.models": ("imgclf.inference", "imgclf.explain", "imgclf.classifier", "imgclf.onnx_runtime",
+                          "imgclf.training", "imgclf.evaluation", "imgclf.deploy", "imgclf.cli", "imgclf.data"),
+        "imgclf.inference": ("imgclf.explain", "imgclf.classifier", "imgclf.training", "imgclf.evaluation",
+                             "imgclf.deploy", "imgclf.cli"),
+        "imgclf.explain": ("imgclf.classifier", "imgclf.onnx_runtime", "imgclf.training", "imgclf.evaluation",
+                           "imgclf.deploy", "imgclf.cli"),
         "imgclf.classifier": ("imgclf.training", "imgclf.evaluation", "imgclf.deploy", "imgclf.cli"),
         "imgclf.evaluation": ("imgclf.training", "imgclf.deploy", "imgclf.cli"),
         "imgclf.deploy": ("imgclf.training", "imgclf.cli"),

@@ -147,6 +147,9 @@ def predict(
     batch_size: Optional[int] = typer.Option(None, help="--source: most frames per forward pass (default 32; a "
                                              "camera or stream sends those waiting)."),
     timeout: float = typer.Option(10.0, help="--source: seconds a camera or stream may give no frame."),
+    explain: Optional[Path] = typer.Option(None, help="Also write a Grad-CAM heat map over each image (where the "
+                                           "model looked for its top class) as a PNG into this folder; needs a "
+                                           "run folder or checkpoint, not an .onnx file."),
 ):
     """Predict classes for images, or for every frame of a video (--source); unreadable files get their own
     error line (exit 1 if any)."""
@@ -155,6 +158,8 @@ def predict(
     if source is not None:
         if paths:
             raise ImgclfError("give images or --source, not both")
+        if explain is not None:
+            raise ImgclfError("--explain explains images, not --source videos; give image files instead")
         from .data.video import VideoError
         from .deploy.video import label_video
 
@@ -175,6 +180,8 @@ def predict(
     files = expand_inputs(paths)
     if not files:
         raise ImgclfError("no images found in the given paths")
+    if explain is not None:
+        clf.explain([])  # an .onnx model refuses here, before any output
     preds = clf.predict(files, top_k=top_k, errors="report")
     if fmt == Format.json:
         typer.echo(json.dumps([p.to_dict() for p in preds], indent=2))
@@ -192,6 +199,11 @@ def predict(
                 typer.echo(f"{p.source}: error: {p.error}")
             else:
                 typer.echo(f"{p.source}: " + "  ".join(f"{c} {prob:.1%}" for c, prob in p.top))
+    if explain is not None:
+        from .explain import write_overlays
+
+        written = write_overlays(clf, [p.source for p in preds if p.error is None], explain)
+        typer.echo(f"explained {len(written)} images -> {explain}", err=True)
     failed = sum(p.error is not None for p in preds)
     if failed:
         typer.echo(f"{failed} of {len(preds)} image(s) could not be read", err=True)

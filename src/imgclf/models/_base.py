@@ -61,6 +61,12 @@ class ImageClassifier(nn.Module):
             for p in block.parameters():
                 p.requires_grad_(False)
 
+    def cam_layer(self) -> nn.Module | None:
+        """The module whose output is the last spatial feature map (N, C, h, w) before the features are pooled
+        or flattened: Grad-CAM (imgclf.explain) weighs its channels. Its output must not be changed in place
+        afterwards. Default: None, the model cannot explain its answers."""
+        return None
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 

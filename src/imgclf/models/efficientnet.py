@@ -135,6 +135,9 @@ class EfficientNetLite(ImageClassifier):
     def early_blocks(self) -> list[nn.Module]:
         return [self.stem, *self.blocks]
 
+    def cam_layer(self) -> nn.Module:
+        return self.conv_head  # the 1280-channel 1x1 conv, before the global average pool
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_head(self.blocks(self.stem(x)))
         return x.mean((2, 3))

@@ -106,6 +106,9 @@ class FastNet(ImageClassifier):
         """What trains only in the first ``stem_bias_epochs`` epochs (see the optimizer setup in train.py)."""
         return [self.whiten.bias]
 
+    def cam_layer(self) -> nn.Module:
+        return self.blocks[-3]  # the last conv group, before the global max-pool
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.whiten(x))
 

@@ -72,6 +72,9 @@ class ResNet(ImageClassifier):
     def new_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes)  # PyTorch's default Linear init, as torchvision
 
+    def cam_layer(self) -> nn.Module:
+        return self.stages  # the last stage's output, before the global average pool
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         return x.mean(dim=(2, 3))  # global average pool; works for channels_last too

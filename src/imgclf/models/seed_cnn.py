@@ -61,6 +61,9 @@ class SeedCNN(ImageClassifier):
         _keras_init(head)
         return head
 
+    def cam_layer(self) -> nn.Module:
+        return self.features[-2]  # the last block's ReLU, before Flatten
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_logits(self.features(x))
 

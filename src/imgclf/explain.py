@@ -1,0 +1,151 @@
+"""Grad-CAM: where a model looked for its answer (Selvaraju et al. 2017, "Grad-CAM: Visual Explanations from
+Deep Networks via Gradient-based Localization", arXiv 1610.02391).
+
+    heat, logits, classes = grad_cam(model, x_normalised)   # (N, H, W) in [0, 1], (N, K), (N,)
+    clf.explain(["cat.jpg"])[0].overlay().save("cat.png")   # the same through a Classifier
+
+The gradient of the explained class's logit with respect to the model's last spatial feature map
+(``model.cam_layer()``), averaged over the map, weighs its channels; the weighted sum, through a ReLU, is
+upsampled to the input size. Written out rather than taken from captum: it is twenty lines on the one hook
+every registered model has, and captum would be a dependency for them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data.tensors import to_tensor
+from .errors import ImgclfError
+from .inference import eval_chunk
+
+OVERLAY_MIN_SIDE = 224  # overlays of small inputs are scaled up by a whole factor to at least this side
+
+
+@dataclass
+class Explanation:
+    """One image's Grad-CAM: ``heat`` (S, S) float32 in [0, 1] over the model's S x S input, for class
+    ``label`` (with its ``probability``); ``image`` is the input as the model saw it (centre crop, S x S)."""
+    source: str
+    heat: np.ndarray
+    label: str
+    probability: float
+    image: np.ndarray = field(repr=False)
+
+    def overlay(self, size: int | None = None, alpha: float = 0.45, cmap: str = "jet"):
+        """The input scaled to ``size`` (default: S times the smallest whole factor reaching 224 px) with the
+        heat drawn over it in ``cmap`` colours -> a PIL RGB image."""
+        from matplotlib import colormaps  # imported on first use: matplotlib is slow to import
+
+        side = self.heat.shape[0]
+        size = size or side * math.ceil(OVERLAY_MIN_SIDE / side)
+        rgb = self.image if self.image.shape[2] == 3 else np.repeat(self.image, 3, axis=2)
+        base = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC), np.float32)
+        heat = np.asarray(Image.fromarray(self.heat).resize((size, size), Image.BILINEAR))
+        colour = colormaps[cmap](np.clip(heat, 0, 1))[..., :3] * 255
+        return Image.fromarray(np.clip((1 - alpha) * base + alpha * colour, 0, 255).astype(np.uint8))
+
+
+def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Heat maps (N, H, W) float32 in [0, 1], float32 logits (N, num_classes) and the classes explained (N,)
+    for normalised images ``x`` (N, C, H, W): ``target`` (N,) class indices, where one below 0 (or None, for
+    all) means the image's top class. Runs in eval mode and float32; the model's training mode and its
+    parameters' requires_grad are as before afterwards."""
+    layer = model.cam_layer() if hasattr(model, "cam_layer") else None
+    if layer is None:
+        raise ImgclfError(f"{type(model).__name__} names no layer to explain (cam_layer); Grad-CAM needs one")
+    kept: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        # The graph starts here: the gradient wanted is the activations', so the layers below need none,
+        # which spares their backward pass and memory, and frozen parameters make no difference.
+        output = output.detach().requires_grad_(True)
+        kept.append(output)
+        return output
+
+    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
+    handle = layer.register_forward_hook(keep)
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            logits = model(x.float()).float()
+            if not kept or kept[0].ndim != 4:
+                raise ImgclfError(f"{type(model).__name__}.cam_layer() gave no (N, C, h, w) feature map")
+            acts = kept[0]
+            top = logits.argmax(1)
+            target = top if target is None else torch.where(target.to(top.device) < 0, top, target.to(top.device))
+            # Images are independent in eval mode, so the gradient of the sum is each image's own.
+            (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts)
+        weights = grads.float().mean((2, 3), keepdim=True)
+        cam = F.relu((weights * acts.detach().float()).sum(1, keepdim=True))
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]  # an all-zero map stays zero
+        return (cam / peak).clamp(0, 1), logits.detach(), target
+    finally:
+        handle.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def explain_arrays(clf, arrays: list[np.ndarray], sources: list[str], target=None, batch_size: int = 32
+                   ) -> list[Explanation]:
+    """Grad-CAM of a PyTorch classifier (``model``, ``normalizer``, ``classes``, ``temperature``) for
+    preprocessed (S, S, C) uint8 images. ``target``: None (each image's top class), a class name or index
+    for all, or a list of them, one an image."""
+    targets = target if isinstance(target, (list, tuple)) else [target] * len(arrays)
+    if len(targets) != len(arrays):
+        raise ImgclfError(f"{len(targets)} targets for {len(arrays)} images")
+    index = [-1 if t is None else _class_index(clf.classes, t) for t in targets]
+    device = next(clf.model.parameters()).device
+    side = clf.preprocess.image_size
+    step = eval_chunk(max(1, batch_size), side * side, device)
+    out: list[Explanation] = []
+    for i in range(0, len(arrays), step):
+        part = arrays[i:i + step]
+        x = clf.normalizer(to_tensor(np.stack(part)).to(device))
+        heat, logits, chosen = grad_cam(clf.model, x, torch.tensor(index[i:i + step], device=device))
+        # the probability as predict gives it: calibrated by the checkpoint's temperature
+        probs = torch.softmax(logits.cpu() / clf.temperature, dim=1).numpy()
+        for j, (c, h) in enumerate(zip(chosen.tolist(), heat.cpu().numpy().astype(np.float32))):
+            out.append(Explanation(sources[i + j], h, clf.classes[c], float(probs[j, c]), part[j]))
+    return out
+
+
+def _class_index(classes: list[str], target) -> int:
+    if isinstance(target, str):
+        if target not in classes:
+            raise ImgclfError(f"unknown class {target!r}; the model knows {', '.join(classes[:10])}")
+        return classes.index(target)
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < len(classes):
+        raise ImgclfError(f"target must be a class name or an index below {len(classes)}, got {target!r}")
+    return int(target)
+
+
+def write_overlays(clf, sources: list[str], outdir: Path, batch_size: int = 32) -> list[Path]:
+    """One overlay PNG per image in ``outdir`` (created), named after the image's stem (-2, -3... when two
+    share one), explaining each image's top class; explained ``batch_size`` at a time, so memory stays flat."""
+    if outdir.exists() and not outdir.is_dir():
+        raise ImgclfError(f"{outdir} is a file; give a folder for the heat maps")
+    outdir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    written = []
+    for i in range(0, len(sources), batch_size):
+        for e in clf.explain(sources[i:i + batch_size], batch_size=batch_size):
+            stem, n = Path(e.source).stem or "image", 1
+            name = f"{stem}.png"
+            while name.lower() in used:  # lower case: two names differing in case are one file on some disks
+                n += 1
+                name = f"{stem}-{n}.png"
+            used.add(name.lower())
+            e.overlay().save(outdir / name)
+            written.append(outdir / name)
+    return written
