@@ -51,6 +51,16 @@ class Explanation:
         return Image.fromarray(np.clip((1 - alpha) * base + alpha * colour, 0, 255).astype(np.uint8))
 
 
+def can_explain(clf) -> bool:
+    """Whether ``clf`` can give Grad-CAM heat maps: a PyTorch classifier whose model names a ``cam_layer``
+    (an ONNX model has no gradients; a model without the hook has no layer to explain)."""
+    model = getattr(clf, "model", None)
+    if not isinstance(model, torch.nn.Module) or not hasattr(clf, "normalizer"):
+        return False
+    cam_layer = getattr(model, "cam_layer", None)
+    return callable(cam_layer) and cam_layer() is not None
+
+
 def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Heat maps (N, H, W) float32 in [0, 1], float32 logits (N, num_classes) and the classes explained (N,)

@@ -88,3 +88,62 @@ def test_report_in_a_real_browser(tiny_run, tmp_path):
     assert "green" in text and "test accuracy" in text
     assert outside == []
     assert (tmp_path / "report-screenshot.png").stat().st_size > 10_000
+
+
+def test_report_galleries_get_heat_maps_of_the_images_shown(tiny_run, tmp_path):
+    """The cam galleries are drawn for a PyTorch run, inline in report.html; each overlay is the Grad-CAM of
+    the very image the plain gallery shows, for the class predicted (for a misclassified one: the wrong one)."""
+    import base64
+    import dataclasses
+
+    import numpy as np
+
+    from imgclf.evaluation.evaluate import compute_evaluation
+    from imgclf.evaluation.plots import gallery_indices
+    from imgclf.evaluation.report import CAM_PLOTS, gallery_heat_maps
+
+    run = shutil.copytree(tiny_run.run_dir, tmp_path / "tiny")  # the shared run stays as trained
+    for name in CAM_PLOTS:
+        (run / name).unlink()
+    imgclf.report(run, progress=False)
+    page = (run / "report.html").read_text()
+    for name in CAM_PLOTS:
+        assert_plot(run / name)
+        assert base64.b64encode((run / name).read_bytes()).decode("ascii") in page, name
+    assert "Grad-CAM" in page and "<b>predicted</b>" in page
+
+    clf = imgclf.load(run)
+    ev = compute_evaluation(clf, progress=False)
+    # the tiny run gets every test image right: make some "wrong" by rolling its probabilities one class on
+    probs = ev.probs.copy()
+    probs[::2] = np.roll(probs[::2], 1, axis=1)
+    ev = dataclasses.replace(ev, probs=probs)
+    wrong, right = gallery_indices(ev)
+    assert len(wrong) and len(right)
+    heat = gallery_heat_maps(ev, clf, [wrong, right])
+    assert [len(h) for h in heat] == [len(wrong), len(right)]
+    for group, overlays in zip((wrong, right), heat):
+        for i, overlay in zip(group[:3], overlays[:3]):
+            one = clf.explain(np.asarray(ev.images[i]), target=int(ev.pred[i]))[0]
+            assert one.label == ev.classes[ev.pred[i]]
+            want = np.asarray(one.overlay(size=overlay.shape[0]), np.int16)
+            assert overlay.shape == (32, 32, 3) and np.abs(overlay.astype(np.int16) - want).max() <= 2
+
+
+@pytest.mark.parametrize("backend", ["onnx", "no-cam-layer"])
+def test_report_of_a_model_that_cannot_explain_keeps_plain_galleries(tiny_run, tiny_onnx, tmp_path, backend):
+    from imgclf.evaluation.evaluate import compute_evaluation
+    from imgclf.evaluation.report import CAM_PLOTS, write_report
+
+    run = shutil.copytree(tiny_run.run_dir, tmp_path / "tiny")  # its report has heat maps, from training
+    assert all((run / name).is_file() for name in CAM_PLOTS)
+    clf = imgclf.load(tiny_onnx[1] if backend == "onnx" else run)
+    if backend == "no-cam-layer":
+        clf.model.cam_layer = lambda: None
+    ev = compute_evaluation(imgclf.load(run), progress=False)
+    write_report(run, ev, clf)
+    page = (run / "report.html").read_text()
+    assert not any((run / name).exists() for name in CAM_PLOTS)  # the old heat maps go with the model
+    assert page.count("<img") == len(RUN_PLOTS) - len(CAM_PLOTS) and "Grad-CAM" not in page
+    for name in ("gallery_misclassified.png", "gallery_correct.png"):
+        assert_plot(run / name)

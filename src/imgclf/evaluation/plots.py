@@ -23,6 +23,8 @@ PLOT_SIZES = {
     "reliability.png": (640, 640),
     "gallery_misclassified.png": (1200, 720),
     "gallery_correct.png": (1200, 720),
+    "gallery_misclassified_cam.png": (1200, 720),
+    "gallery_correct_cam.png": (1200, 720),
     "compare.png": (1200, 450),
     "class_counts.png": (1000, 450),
     "samples.png": (1000, 800),
@@ -176,17 +178,19 @@ def gallery_indices(ev: Any, count: int = GALLERY_ROWS * GALLERY_COLS) -> tuple[
     return order[~right][:count], order[right][:count]
 
 
-def plot_gallery(ev: Any, indices: Sequence[int], title: str) -> bytes:
+def plot_gallery(ev: Any, indices: Sequence[int], title: str,
+                 pictures: Sequence[np.ndarray] | None = None) -> bytes:
     """A grid of test images (from the arrays in memory: only those shown are touched), each titled with
-    the true class, the prediction and its probability; green when right, red when wrong."""
+    the true class, the prediction and its probability; green when right, red when wrong. ``pictures``
+    (one per index, e.g. Grad-CAM overlays of those images) are drawn in the images' place."""
     fig, ax = _figure("gallery_misclassified.png")
     cells = []
-    for i in indices:
+    for k, i in enumerate(indices):
         p, t = int(ev.pred[i]), int(ev.y[i])
         ok = p == t
         text = (f"{_short(ev.classes[t])} {ev.probs[i, p]:.0%}" if ok
                 else f"true: {_short(ev.classes[t])}\npred: {_short(ev.classes[p])} {ev.probs[i, p]:.0%}")
-        cells.append((ev.images[i], text, GOOD if ok else BAD))
+        cells.append((ev.images[i] if pictures is None else pictures[k], text, GOOD if ok else BAD))
     _mosaic(fig, ax, cells, GALLERY_ROWS, GALLERY_COLS, title if len(cells) else f"{title}: none", top=0.9)
     return _png(fig)
 

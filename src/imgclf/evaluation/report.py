@@ -15,9 +15,12 @@ import csv
 import html
 import json
 import math
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .._version import __version__
 from ..errors import ImgclfError
@@ -31,8 +34,10 @@ from .plots import (
     plot_reliability,
 )
 
+# the galleries again with each image's Grad-CAM heat map over it: only for a model that can explain
+CAM_PLOTS = ("gallery_misclassified_cam.png", "gallery_correct_cam.png")
 RUN_PLOTS = ("curves.png", "confusion_matrix.png", "per_class_accuracy.png", "reliability.png",
-             "gallery_misclassified.png", "gallery_correct.png")
+             "gallery_misclassified.png", "gallery_correct.png", *CAM_PLOTS)
 
 
 def report(run: str | Path, *, tta: str | None = None, batch_size: int = 512, device: str = "auto",
@@ -40,19 +45,23 @@ def report(run: str | Path, *, tta: str | None = None, batch_size: int = 512, de
     """Score the run's test split once and (re)write evaluation.json, classification_report.{json,txt},
     the plots and report.html in the run folder. ``tta``: also report test-time augmentation (default:
     the mode the last saved evaluation used, if any). -> the report.html path."""
+    from ..classifier import load
     from .evaluate import compute_evaluation
 
     run_dir = _run_dir(run)
     if tta is None:
         saved = _read_json(run_dir / "evaluation.json")
         tta = (saved.get("tta") or {}).get("mode")
-    ev = compute_evaluation(run_dir, tta=tta, batch_size=batch_size, device=device, progress=progress)
-    return write_report(run_dir, ev)
+    clf = load(run_dir, device=device)  # loaded here, so the galleries' heat maps use the very model scored
+    ev = compute_evaluation(clf, tta=tta, batch_size=batch_size, device=device, progress=progress)
+    return write_report(run_dir, ev, clf)
 
 
-def write_report(run_dir: str | Path, ev: Any | None) -> Path:
+def write_report(run_dir: str | Path, ev: Any | None, clf: Any | None = None) -> Path:
     """Write the evaluation files, the plots and report.html for ``ev`` (None: a run without test data;
-    only the curves and the run's record are shown). -> the report.html path."""
+    only the curves and the run's record are shown). ``clf``: the classifier ``ev`` scored; when it can
+    explain (:func:`imgclf.explain.can_explain`), the galleries are drawn again with Grad-CAM heat maps
+    (:data:`CAM_PLOTS`). -> the report.html path."""
     from .evaluate import save_evaluation
 
     run_dir = Path(run_dir)
@@ -75,11 +84,47 @@ def write_report(run_dir: str | Path, ev: Any | None) -> Path:
         images["gallery_misclassified.png"] = plot_gallery(ev, wrong, "Misclassified test images, highest loss first")
         images["gallery_correct.png"] = plot_gallery(ev, right, "Correctly classified test images, "
                                                      "least confident first")
+        heat = gallery_heat_maps(ev, clf, [wrong, right])
+        if heat is not None:
+            images["gallery_misclassified_cam.png"] = plot_gallery(
+                ev, wrong, "Misclassified: where the model saw the class it predicted (Grad-CAM)", heat[0])
+            images["gallery_correct_cam.png"] = plot_gallery(
+                ev, right, "Correctly classified: where the model saw the class (Grad-CAM)", heat[1])
+    for name in CAM_PLOTS:  # an older report's heat maps, of a model that no longer draws them
+        if name not in images:
+            (run_dir / name).unlink(missing_ok=True)
     for name, png in images.items():
         atomic_write_bytes(run_dir / name, png)
     page = render_html(run_dir, info, history, config_text, None if ev is None else ev.metrics, images)
     atomic_write_text(run_dir / "report.html", page)
     return run_dir / "report.html"
+
+
+def gallery_heat_maps(ev: Any, clf: Any | None, groups: list[np.ndarray]) -> list[list[np.ndarray]] | None:
+    """Grad-CAM overlays (S, S, 3) uint8 of exactly the images ``ev`` shows for each group of indices, each
+    explaining the class ``ev`` predicted for it (for a misclassified image: the wrong class), in one batch;
+    None when ``clf`` cannot explain (an ONNX model, a model without ``cam_layer``) or Grad-CAM fails (the
+    report is drawn without them, with a warning)."""
+    from ..explain import can_explain, explain_arrays
+
+    if clf is None or not can_explain(clf):
+        return None
+    index = [int(i) for group in groups for i in group]
+    if not index:
+        return [[] for _ in groups]
+    arrays = [np.asarray(ev.images[i]) for i in index]
+    try:
+        found = explain_arrays(clf, arrays, [f"test image {i}" for i in index],
+                               target=[int(ev.pred[i]) for i in index], batch_size=len(index))
+    except (ImgclfError, RuntimeError, ValueError) as e:
+        warnings.warn(f"the report's heat maps were left out ({type(e).__name__}: {e})", stacklevel=2)
+        return None
+    overlays = [np.asarray(x.overlay(size=a.shape[0])) for x, a in zip(found, arrays)]
+    out, start = [], 0
+    for group in groups:
+        out.append(overlays[start:start + len(group)])
+        start += len(group)
+    return out
 
 
 # ---------------------------------------------------------------------------- run folder
@@ -305,10 +350,19 @@ def _metrics_sections(m: dict[str, Any], images: dict[str, bytes]) -> list[str]:
     out += ["<h2 id='misclassified'>Misclassified test images</h2>",
             "<p class='muted'>Highest loss first: the model's most confident mistakes. Title: true class, "
             "predicted class and its probability.</p>",
-            _img(images["gallery_misclassified.png"], "misclassified test images"),
-            "<h2 id='correct'>Correctly classified test images</h2>",
+            _img(images["gallery_misclassified.png"], "misclassified test images")]
+    if "gallery_misclassified_cam.png" in images:
+        out += ["<p class='muted'>The same images, in the same places, with their Grad-CAM heat map: red where "
+                "the model found the evidence for the class it <b>predicted</b> (the wrong one).</p>",
+                _img(images["gallery_misclassified_cam.png"], "misclassified test images with Grad-CAM heat maps "
+                     "of the predicted class")]
+    out += ["<h2 id='correct'>Correctly classified test images</h2>",
             "<p class='muted'>Highest loss first: the right answers it was least sure of.</p>",
             _img(images["gallery_correct.png"], "correctly classified test images")]
+    if "gallery_correct_cam.png" in images:
+        out += ["<p class='muted'>The same images with their Grad-CAM heat map: red where the model found the "
+                "evidence for its (right) answer.</p>",
+                _img(images["gallery_correct_cam.png"], "correctly classified test images with Grad-CAM heat maps")]
     return out
 
 

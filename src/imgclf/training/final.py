@@ -132,8 +132,23 @@ def _write_report(t, evaluation) -> None:
     from ..evaluation.report import write_report  # matplotlib is imported only when a report is drawn
 
     try:
-        path = write_report(t.run_dir, evaluation)
+        path = write_report(t.run_dir, evaluation, _final_classifier(t, evaluation))
         t.log(f"report {path}")
     except Exception as e:  # noqa: BLE001 -- the weights and metrics are saved; the report can be redone
         t.log(f"warning: could not write the report ({type(e).__name__}: {e}); "
               f"retry with: imgclf report {t.run_dir}")
+
+
+def _final_classifier(t, evaluation):
+    """The final weights as a Classifier, for the report's Grad-CAM galleries (None without test data, or
+    when they cannot be loaded: the report is then drawn without heat maps). Loaded from the checkpoint
+    just written rather than wrapping the training model, which may be compiled or distributed."""
+    if evaluation is None:
+        return None
+    from ..classifier import load
+
+    try:
+        return load(evaluation.metrics["checkpoint"], device=str(t.setup.device))
+    except Exception as e:  # noqa: BLE001 -- the heat maps are a nicety; the report itself must be written
+        t.log(f"warning: the report's heat maps were left out (could not load the final weights: {e})")
+        return None

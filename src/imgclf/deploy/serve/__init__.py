@@ -7,8 +7,10 @@ Endpoints:
 
     POST /predict?top_k=3   multipart, one or more image files (any field name; "files" in the docs)
                             -> {"predictions": [{"source": name, "top": [{"class", "probability"}, ...]}]}
+    POST /explain           multipart, one image in "files" (+ optional "target" class: a name or an index)
+                            -> image/png: its Grad-CAM heat map over it (501 for a model that cannot explain)
     GET  /health            {"status": "ok", "queued": ..., "batches": ..., "images": ...}
-    GET  /model             classes, input size, preprocessing, metrics from the checkpoint
+    GET  /model             classes, input size, preprocessing, metrics from the checkpoint, "explain"
     GET  /                  the web page: drop, pick or photograph an image; top-k bars
     GET  /docs              the OpenAPI page (Swagger UI from local files; /openapi.json is the spec)
 
@@ -17,7 +19,8 @@ within ``body_timeout_s`` (the connection is closed); 413 request body over ``ma
 than ``max_files`` files, or an image over ``max_pixels`` (read from the header before decoding: a
 decompression bomb is never decoded); 415 not a JPEG, PNG, WebP, GIF, BMP or TIFF image; 422 corrupt or
 truncated image; 503 + Retry-After when ``max_queue`` images are already accepted and not yet answered,
-or when ``max_connections`` connections are open. A request with one bad file is refused whole. Images
+or when ``max_connections`` connections are open (/explain: ``max_explain_queue`` heat maps waiting); 501
+/explain for an ONNX model (no gradients). A request with one bad file is refused whole. Images
 are decoded on a thread pool by the same loader as training, then micro-batched (see :mod:`.batcher`).
 
 Under load and abuse (:func:`serve`, or :func:`uvicorn_options` for a uvicorn of your own): a client that
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import ctypes
 import io
 import logging
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -64,6 +69,7 @@ from ...data.images import (
     preprocess_image,
 )
 from ...errors import ImgclfError
+from ...explain import can_explain, explain_arrays
 from ...inference import BaseClassifier, Prediction
 from ...onnx_runtime import load_onnx
 from .batcher import MicroBatcher, Overloaded
@@ -79,6 +85,7 @@ class ServeConfig:
     max_upload_bytes: int = 20 * 1024 ** 2   # request body; more -> 413
     max_pixels: int = 50_000_000             # width x height from the header; more -> 413 (never decoded)
     max_top_k: int = 100
+    max_explain_queue: int = 4               # /explain requests waiting for their heat map at most; then 503
     decode_threads: int = max(2, os.cpu_count() or 2)
     decode_memory_mb: int = 512              # what decodes in progress may take together (see DecodeBudget)
     # the connection, under load and abuse (see the module's docstring)
@@ -185,6 +192,7 @@ def model_info(clf: BaseClassifier) -> dict[str, Any]:
                   "std": list(spec.std), "resize": spec.resize},
         "test_metrics": _brief_metrics(meta.get("test_metrics")),
         "data": meta.get("data", {}).get("source"),
+        "explain": can_explain(clf),  # POST /explain answers (a PyTorch model with a cam_layer), else 501
         "imgclf_version": __version__,
     }
 
@@ -214,12 +222,13 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
         yield
         await batcher.stop()
         decode_pool.shutdown(wait=False, cancel_futures=True)
+        explain_pool.shutdown(wait=False, cancel_futures=True)
 
     info = model_info(clf)
     app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"{info['arch']} ({info['format']}, {info['precision']}): "
                               f"{len(clf.classes)} classes. The page at / tries it in a browser.")
-    app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes, paths=("/predict",))
+    app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes, paths=("/predict", "/explain"))
     app.add_middleware(BodyTimeout, seconds=config.body_timeout_s)  # outermost: times the client's own pace
     _add_docs(app)
 
@@ -292,12 +301,99 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
         preds = [Prediction(source=n, top=top) for n, top in zip(names, clf.rank(probs, top_k))]
         return {"predictions": [p.to_dict() for p in preds]}
 
+    # Grad-CAM: a forward and a backward pass, one at a time on its own thread, on a copy of the model made on
+    # first use: its hook on the model's layer must never see the micro-batcher's forward passes.
+    explain_pool = ThreadPoolExecutor(1, thread_name_prefix="imgclf-explain")
+    explainer: list[Any] = []
+    explaining = [0]  # /explain requests waiting for or in Grad-CAM (touched on the event loop only)
+
+    def overlay_png(array: np.ndarray, name: str, target: str | int | None) -> tuple[bytes, str, float]:
+        if not explainer:
+            twin = copy.copy(clf)
+            twin.model = copy.deepcopy(clf.model)
+            explainer.append(twin)
+        found = explain_arrays(explainer[0], [array], [name], target)[0]
+        buf = io.BytesIO()
+        found.overlay().save(buf, "PNG")
+        return buf.getvalue(), found.label, found.probability
+
+    @app.post("/explain", summary="Grad-CAM heat map over one image, as a PNG", response_class=Response,
+              description="The image as the model saw it (centre crop, scaled up by a whole factor to at least "
+                          "224 px) with a heat map over it, red where the evidence for the class lies: `target` "
+                          "(a class name or index), by default the top class. Headers X-Class and "
+                          "X-Probability name it (X-Class percent-encoded). Only a PyTorch model can explain; an "
+                          "ONNX model answers 501 (see `explain` in GET /model).",
+              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                  "type": "object", "required": ["files"],
+                  "properties": {"files": {"type": "string", "format": "binary", "description": "one image"},
+                                 "target": {"type": "string", "description": "class to explain (name or "
+                                                                             "index); default: the top class"}}}}}}},
+              responses={200: {"content": {"image/png": {}}, "description": "the heat-map overlay, PNG"},
+                         400: {"description": "no file sent"},
+                         413: {"description": "body too large, more than one file, or too many pixels"},
+                         415: {"description": "not an image"},
+                         422: {"description": "corrupt image, or an unknown target class"},
+                         501: {"description": "this model cannot explain (ONNX: no gradients)"},
+                         503: {"description": "heat maps queued; retry after Retry-After seconds"}})
+    async def explain(request: Request):
+        if not info["explain"]:
+            raise ApiError(501, f"this {info['format']} model cannot explain its answers: Grad-CAM needs a "
+                                "PyTorch model's gradients; serve the run folder or its .safetensors checkpoint")
+        try:
+            form = await request.form(max_files=1, max_fields=8, max_part_size=config.max_upload_bytes)
+        except StarletteHTTPException as e:
+            if "Too many files" in str(e.detail):
+                raise ApiError(413, "too many files: /explain takes one image per request") from None
+            raise
+        try:
+            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            if not files:
+                raise ApiError(400, "no image in the request: send multipart/form-data with one file "
+                                    "(field name 'files')")
+            target = _explain_target(form.get("target"), clf.classes)
+            if explaining[0] >= config.max_explain_queue:
+                raise HTTPException(503, f"busy: {explaining[0]} heat maps queued; retry shortly",
+                                    headers={"Retry-After": "1"})
+            explaining[0] += 1
+            try:
+                loop = asyncio.get_running_loop()
+                name = files[0].filename or "file 1"
+                data = await files[0].read()
+                await form.close()
+                array = await loop.run_in_executor(decode_pool, decode_upload, data, name, clf.preprocess,
+                                                   config.max_pixels, decode_budget)
+                del data
+                if await request.is_disconnected():  # gone while its image was decoded: no Grad-CAM
+                    raise ClientDisconnect
+                png, label, probability = await loop.run_in_executor(explain_pool, overlay_png, array, name,
+                                                                     target)
+            finally:
+                explaining[0] -= 1
+        finally:
+            await form.close()
+        return Response(png, media_type="image/png",
+                        headers={"X-Class": quote(label), "X-Probability": f"{probability:.6f}"})
+
     def _overloaded():
         return HTTPException(503, f"busy: {batcher.queued} images queued; retry shortly",
                              headers={"Retry-After": "1"})
 
     app.state.classifier, app.state.config = clf, config
     return app
+
+
+def _explain_target(value: Any, classes: list[str]) -> str | int | None:
+    """The form's ``target``: absent or empty -> None (the top class); a class name, or an index -> itself;
+    else ApiError(422)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ApiError(422, "target must be a form field (a class name or index), not a file")
+    if value in classes:
+        return value
+    if value.strip().isdigit() and int(value) < len(classes):
+        return int(value)
+    raise ApiError(422, f"unknown target class {value[:100]!r}; the model knows {', '.join(classes[:20])}")
 
 
 def _add_docs(app) -> None:
