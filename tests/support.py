@@ -130,3 +130,23 @@ def uvicorn_thread(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def bad_uploads(max_bytes: int) -> dict[str, list]:
+    """Multipart ``files`` that `imgclf serve` refuses on every upload route, by case: not an image (415), a
+    truncated PNG (422), a body over ``max_bytes`` (413), a PNG over 2,000,000 pixels (413)."""
+    from synthetic import png_bytes
+
+    good = png_bytes()
+    return {
+        "not-an-image": [("files", ("notes.jpg", b"this is not an image", "image/jpeg"))],
+        "truncated": [("files", ("cut.png", good[: len(good) // 2], "image/png"))],
+        "body-too-large": [("files", ("huge.png", b"\0" * (max_bytes + 100_000), "image/png"))],
+        "too-many-pixels": [("files", ("wide.png", png_bytes(size=(3000, 1000)), "image/png"))],
+    }
+
+
+def chromium(playwright, *args: str):
+    """Debian's Chromium (CHROMIUM), headless, through Playwright, with the flags a VM needs, plus ``args``."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", *args])

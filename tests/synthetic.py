@@ -35,6 +35,13 @@ def write_image(path: Path, size=(8, 8), mode: str = "RGB", value: int = 0, fmt:
     return path
 
 
+def png_bytes(colour=(200, 40, 40), size=(40, 30), seed: int = 0) -> bytes:
+    """A noisy ``colour`` PNG file's bytes, as an upload carries them."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels(colour, size, noise=20, rng=np.random.default_rng(seed))).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def truncated_image(path: Path, fmt: str) -> Path:
     """The first half of a 64x64 noise image's file in ``fmt`` ("JPEG", "PNG"): a download cut short."""
     buf = io.BytesIO()

@@ -9,7 +9,7 @@ import pytest
 
 from imgclf.deploy.serve import create_app
 
-from support import CHROMIUM, uvicorn_thread
+from support import CHROMIUM, chromium, uvicorn_thread
 from synthetic import COLOURS, pixels
 
 MAX_FPS = 8  # the page's MAX_FPS
@@ -42,11 +42,6 @@ def live_server(tiny_run):
         yield f"http://127.0.0.1:{port}"  # 127.0.0.1 is a secure context: getUserMedia is offered
 
 
-def _chromium(p, *args):
-    return p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu",
-                                                                  "--disable-background-networking", *args])
-
-
 # every top class the page shows, when it starts each /predict fetch, and the most it ever had open at once
 WATCH = """
 window.seen = [];
@@ -77,7 +72,7 @@ def test_live_camera_labels_the_clip_at_a_bounded_rate(live_server, tmp_path):
     clip = _y4m(tmp_path / "clip.y4m", ["red", "blue"])
     requests = []  # monotonic times of the page's /predict requests
     with sync_playwright() as p:
-        browser = _chromium(p, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        browser = chromium(p, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
                             f"--use-file-for-fake-video-capture={clip}")
         try:
             page = browser.new_page()
@@ -144,7 +139,7 @@ def test_camera_trouble_gets_one_clear_message(live_server):
     ]
     with sync_playwright() as p:
         # a fake camera (Chromium's test pattern) for the failing-server case; the others replace getUserMedia
-        browser = _chromium(p, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
+        browser = chromium(p, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
         try:
             for script, message in cases:
                 page = browser.new_page()

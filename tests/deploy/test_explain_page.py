@@ -11,16 +11,10 @@ from PIL import Image
 import imgclf
 from imgclf.deploy.serve import ServeConfig, create_app
 
-from support import CHROMIUM, uvicorn_thread
-from synthetic import pixels
+from support import CHROMIUM, bad_uploads, chromium, uvicorn_thread
+from synthetic import png_bytes
 
 CONFIG = ServeConfig(max_files=4, max_upload_bytes=300_000, max_pixels=2_000_000)
-
-
-def _png(colour=(200, 40, 40), size=(40, 30), seed=0) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels(colour, size, noise=20, rng=np.random.default_rng(seed))).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +23,8 @@ def client(tiny_run):
         yield c
 
 
-def test_explain_answers_the_overlay_as_png(client, tiny_run):
-    photo = _png()
+def test_explain_answers_the_overlay_aspng_bytes(client, tiny_run):
+    photo = png_bytes()
     assert client.get("/model").json()["explain"] is True
     r = client.post("/explain", files=[("files", ("red.png", photo, "image/png"))])
     assert r.status_code == 200, r.text
@@ -59,14 +53,9 @@ def test_explain_answers_the_overlay_as_png(client, tiny_run):
     ("too-many-pixels", 413), ("no-files", 400),
 ])
 def test_explain_refuses_like_predict(client, case, status):
-    good = _png()
-    files = {
-        "not-an-image": [("files", ("notes.jpg", b"this is not an image", "image/jpeg"))],
-        "truncated": [("files", ("cut.png", good[: len(good) // 2], "image/png"))],
-        "body-too-large": [("files", ("huge.png", b"\0" * 400_000, "image/png"))],
-        "two-files": [("files", (f"{i}.png", good, "image/png")) for i in range(2)],
-        "too-many-pixels": [("files", ("wide.png", _png(size=(3000, 1000)), "image/png"))],
-    }.get(case)
+    good = png_bytes()
+    files = {**bad_uploads(CONFIG.max_upload_bytes),
+             "two-files": [("files", (f"{i}.png", good, "image/png")) for i in range(2)]}.get(case)
     r = client.post("/explain", files=files) if files else client.post("/explain", data={"note": "no file"})
     assert r.status_code == status, r.text
     if status in (415, 422):
@@ -78,9 +67,9 @@ def test_explain_refuses_like_predict(client, case, status):
 def test_onnx_model_answers_501(tiny_onnx):
     with TestClient(create_app(tiny_onnx[1], CONFIG)) as c:
         assert c.get("/model").json()["explain"] is False
-        r = c.post("/explain", files=[("files", ("red.png", _png(), "image/png"))])
+        r = c.post("/explain", files=[("files", ("red.png", png_bytes(), "image/png"))])
         assert r.status_code == 501 and "cannot explain" in r.json()["detail"]
-        assert c.post("/predict", files=[("files", ("red.png", _png(), "image/png"))]).status_code == 200
+        assert c.post("/predict", files=[("files", ("red.png", png_bytes(), "image/png"))]).status_code == 200
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium (apt-get install chromium)")
@@ -89,14 +78,13 @@ def test_why_toggle_in_chromium(tiny_run, tiny_onnx, tmp_path, model):
     from playwright.sync_api import sync_playwright
 
     photo = tmp_path / "red.png"
-    photo.write_bytes(_png(size=(64, 48)))
+    photo.write_bytes(png_bytes(size=(64, 48)))
     app = create_app(tiny_run.run_dir if model == "checkpoint" else tiny_onnx[1])
     with uvicorn_thread(app) as port, sync_playwright() as p:
         url = f"http://127.0.0.1:{port}"
         top = httpx.post(f"{url}/predict", files={"files": (photo.name, photo.read_bytes())},
                          timeout=30).json()["predictions"][0]["top"][0]["class"]
-        browser = p.chromium.launch(executable_path=str(CHROMIUM),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = chromium(p)
         try:
             page = browser.new_page()
             page.goto(url + "/")

@@ -29,21 +29,15 @@ from imgclf.deploy.serve import ServeConfig, create_app
 from imgclf.deploy.serve.batcher import MicroBatcher, Overloaded
 from imgclf.evaluation.evaluate import compute_evaluation
 
-from support import CHROMIUM, CIFAR_JPEG, free_port, uvicorn_thread
-from synthetic import COLOURS, pixels
+from support import CHROMIUM, CIFAR_JPEG, bad_uploads, chromium, free_port, uvicorn_thread
+from synthetic import COLOURS, pixels, png_bytes
 
 CONFIG = ServeConfig(max_files=4, max_upload_bytes=300_000, max_pixels=2_000_000)
 
 
-def _png(colour=(200, 40, 40), size=(40, 30), seed=0) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels(colour, size, noise=20, rng=np.random.default_rng(seed))).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def _png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height: a decompression bomb as far as the header goes."""
-    data = bytearray(_png(size=(1, 1)))
+    data = bytearray(png_bytes(size=(1, 1)))
     ihdr = bytearray(data[16:29])
     ihdr[0:8] = struct.pack(">II", width, height)
     data[16:29] = ihdr
@@ -58,8 +52,8 @@ def client(tiny_run):
 
 
 def test_predict_health_model_page(client):
-    r = client.post("/predict?top_k=2", files=[("files", ("red.png", _png(), "image/png")),
-                                               ("files", ("blue.jpg", _png((40, 40, 200)), "image/jpeg"))])
+    r = client.post("/predict?top_k=2", files=[("files", ("red.png", png_bytes(), "image/png")),
+                                               ("files", ("blue.jpg", png_bytes((40, 40, 200)), "image/jpeg"))])
     assert r.status_code == 200, r.text
     preds = r.json()["predictions"]
     assert [p["source"] for p in preds] == ["red.png", "blue.jpg"]
@@ -84,13 +78,10 @@ def test_predict_health_model_page(client):
     ("too-many-pixels", 413), ("bomb-header", 413), ("no-files", 400), ("bad-top-k", 422),
 ])
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(client, case, status):
-    good = _png()
+    good = png_bytes()
     files = {
-        "not-an-image": [("files", ("notes.jpg", b"this is not an image", "image/jpeg"))],
-        "truncated": [("files", ("cut.png", good[: len(good) // 2], "image/png"))],
-        "body-too-large": [("files", ("huge.png", b"\0" * 400_000, "image/png"))],
+        **bad_uploads(CONFIG.max_upload_bytes),
         "too-many-files": [("files", (f"{i}.png", good, "image/png")) for i in range(5)],
-        "too-many-pixels": [("files", ("wide.png", _png(size=(3000, 1000)), "image/png"))],
         "bomb-header": [("files", ("bomb.png", _png_claiming(40_000, 40_000), "image/png"))],
         "bad-top-k": [("files", ("ok.png", good, "image/png"))],
     }.get(case)
@@ -106,9 +97,9 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(client, case
 
 def test_full_queue_answers_503_with_retry_after(tiny_run):
     with TestClient(create_app(tiny_run.run_dir, ServeConfig(max_queue=1))) as c:
-        r = c.post("/predict", files=[("files", (f"{i}.png", _png(), "image/png")) for i in range(2)])
+        r = c.post("/predict", files=[("files", (f"{i}.png", png_bytes(), "image/png")) for i in range(2)])
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        assert c.post("/predict", files=[("files", ("a.png", _png(), "image/png"))]).status_code == 200
+        assert c.post("/predict", files=[("files", ("a.png", png_bytes(), "image/png"))]).status_code == 200
 
 
 def test_concurrent_requests_share_forward_passes(tiny_run):
@@ -118,8 +109,8 @@ def test_concurrent_requests_share_forward_passes(tiny_run):
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-                rs = await asyncio.gather(*(
-                    c.post("/predict", files=[("files", (f"{i}.png", _png(seed=i), "image/png"))]) for i in range(12)))
+                rs = await asyncio.gather(*(c.post("/predict", files=[("files", (f"{i}.png", png_bytes(seed=i),
+                                                                                  "image/png"))]) for i in range(12)))
                 return rs, (await c.get("/health")).json()
 
     responses, health = asyncio.run(run())
@@ -190,7 +181,7 @@ def _real_photo(tmp_path: Path) -> Path:
                 if m.isfile() and m.name.startswith("test/") and m.name.endswith(".jpg"):
                     out.write_bytes(tf.extractfile(m).read())
                     return out
-    out.write_bytes(_png((200, 40, 40), size=(64, 48)))
+    out.write_bytes(png_bytes((200, 40, 40), size=(64, 48)))
     return out
 
 
@@ -209,8 +200,7 @@ def test_web_page_in_chromium(live_server, tmp_path):
     expected = httpx.post(f"{live_server}/predict", files={"files": (photo.name, photo.read_bytes())},
                           timeout=30).json()["predictions"][0]["top"][0]["class"]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = chromium(p)
         try:
             page = browser.new_page()
             page.goto(live_server + "/")
@@ -290,7 +280,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(guarded_port):
     """Slowloris: a silent client, one sending its headers a line at a time and one sending its body a
     byte at a time are each disconnected after the timeouts (1 s headers, 1.5 s body), with a 408 where
     they sent something; the server answers others meanwhile."""
-    png = _png()
+    png = png_bytes()
     body = _multipart([("files", "a.png", png)])
     cut = body.index(png) + 10
     results = {}
@@ -356,7 +346,7 @@ def test_queue_counts_images_from_acceptance_and_sheds_the_rest(tiny_run, monkey
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-                requests = [[("files", (f"{i}-{j}.png", _png(seed=i), "image/png")) for j in range(1 + i % 2)]
+                requests = [[("files", (f"{i}-{j}.png", png_bytes(seed=i), "image/png")) for j in range(1 + i % 2)]
                             for i in range(16)]
                 requests.append([("files", ("junk.png", b"not an image at all", "image/png"))])
                 rs = await asyncio.gather(*(c.post("/predict", files=f) for f in requests))
@@ -417,7 +407,7 @@ def test_formats_outside_the_list_get_415(client, monkeypatch):
             raise error("<image bytes>: what is wrong with it")
 
         monkeypatch.setattr(serve_module, "preprocess_image", refuse)
-        r = client.post("/predict", files=[("files", ("odd.png", _png(), "image/png"))])
+        r = client.post("/predict", files=[("files", ("odd.png", png_bytes(), "image/png"))])
         assert r.status_code == status and r.json()["detail"] == "odd.png: what is wrong with it"
 
 
@@ -436,11 +426,11 @@ def _serve_subprocess(run_dir, *args) -> tuple[subprocess.Popen, int]:
 def test_client_leaving_mid_upload_is_one_log_line(tiny_run):
     proc, port = _serve_subprocess(tiny_run.run_dir)
     try:
-        body = _multipart([("files", "a.png", _png())])
+        body = _multipart([("files", "a.png", png_bytes())])
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(_head(len(body)) + body[: len(body) // 2])
             time.sleep(0.3)
-        assert httpx.post(f"http://127.0.0.1:{port}/predict", files={"files": ("b.png", _png())},
+        assert httpx.post(f"http://127.0.0.1:{port}/predict", files={"files": ("b.png", png_bytes())},
                           timeout=10).status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -463,7 +453,7 @@ def test_sigterm_exits_within_seconds_and_finishes_requests_in_progress(tiny_run
     """An idle keep-alive connection, a half-sent request and one in progress (the batcher waits 1.5 s for
     company): SIGTERM -> the one in progress gets its answer, the process is gone within 10 s."""
     proc, port = _serve_subprocess(tiny_run.run_dir, "--max-wait-ms", "1500")
-    body = _multipart([("files", "a.png", _png())])
+    body = _multipart([("files", "a.png", png_bytes())])
     try:
         idle = socket.create_connection(("127.0.0.1", port))
         idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -494,7 +484,7 @@ def test_sigterm_exits_within_seconds_and_finishes_requests_in_progress(tiny_run
     assert "shutting down: closed 127.0.0.1:" in err and "still sending its request" in err, err
 
 
-_PNG = _png(size=(12, 9))
+_PNG = png_bytes(size=(12, 9))
 _parts = st.lists(st.tuples(
     st.sampled_from(["files", "file", "x", ""]) | st.text(max_size=8),
     st.none() | st.sampled_from(["a.png", "b.jpg", "", "c"]) | st.text(max_size=12),

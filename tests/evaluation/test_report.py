@@ -11,7 +11,7 @@ import imgclf
 from imgclf.evaluation.plots import PLOT_SIZES
 from imgclf.evaluation.report import RUN_PLOTS
 
-from support import CHROMIUM
+from support import CHROMIUM, chromium
 from support import run_cli as _cli
 from synthetic import colour_folder
 
@@ -67,8 +67,7 @@ def test_report_in_a_real_browser(tiny_run, tmp_path):
     page_path = tiny_run.run_dir / "report.html"
     outside = []
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(("file:", "data:")) else None)

@@ -268,18 +268,9 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
                          415: {"description": "not an image"}, 422: {"description": "corrupt image"},
                          503: {"description": "queue full; retry after Retry-After seconds"}})
     async def predict(request: Request, top_k: int = Query(3, ge=1, le=config.max_top_k)):
+        form, files = await _upload(request, config.max_files, config.max_upload_bytes,
+                                    f"at most {config.max_files} images per request")
         try:
-            form = await request.form(max_files=config.max_files, max_fields=config.max_files + 8,
-                                      max_part_size=config.max_upload_bytes)
-        except StarletteHTTPException as e:
-            if "Too many files" in str(e.detail):
-                raise ApiError(413, f"too many files: at most {config.max_files} images per request") from None
-            raise
-        try:
-            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            if not files:
-                raise ApiError(400, "no image in the request: send multipart/form-data with one or more "
-                                    "files (field name 'files')")
             # the images count in the queue from here, before decoding, until the answer or any error
             with batcher.reserve(len(files)):
                 loop = asyncio.get_running_loop()
@@ -339,17 +330,8 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
         if not info["explain"]:
             raise ApiError(501, f"this {info['format']} model cannot explain its answers: Grad-CAM needs a "
                                 "PyTorch model's gradients; serve the run folder or its .safetensors checkpoint")
+        form, files = await _upload(request, 1, config.max_upload_bytes, "/explain takes one image per request")
         try:
-            form = await request.form(max_files=1, max_fields=8, max_part_size=config.max_upload_bytes)
-        except StarletteHTTPException as e:
-            if "Too many files" in str(e.detail):
-                raise ApiError(413, "too many files: /explain takes one image per request") from None
-            raise
-        try:
-            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-            if not files:
-                raise ApiError(400, "no image in the request: send multipart/form-data with one file "
-                                    "(field name 'files')")
             target = _explain_target(form.get("target"), clf.classes)
             if explaining[0] >= config.max_explain_queue:
                 raise HTTPException(503, f"busy: {explaining[0]} heat maps queued; retry shortly",
@@ -380,6 +362,23 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
 
     app.state.classifier, app.state.config = clf, config
     return app
+
+
+async def _upload(request: Request, max_files: int, max_bytes: int, limit: str):
+    """The request's multipart form and its files -> (form, files); 413 past ``max_files`` (``limit`` says what is
+    allowed), 400 without a file (the form is closed then; otherwise the caller closes it)."""
+    try:
+        form = await request.form(max_files=max_files, max_fields=max_files + 8, max_part_size=max_bytes)
+    except StarletteHTTPException as e:
+        if "Too many files" in str(e.detail):
+            raise ApiError(413, f"too many files: {limit}") from None
+        raise
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    if not files:
+        await form.close()
+        raise ApiError(400, "no image in the request: send multipart/form-data with one or more files (field "
+                            "name 'files')")
+    return form, files
 
 
 def _explain_target(value: Any, classes: list[str]) -> str | int | None:
