@@ -191,21 +191,19 @@ class VideoSource:
         reader = threading.Thread(target=self._read, args=(q, every, prepare, min_side), daemon=True,
                                   name="imgclf-video")
         reader.start()
-        count = 0
         try:
             while True:
                 try:
                     item = q.get(timeout=self.timeout + 5)  # FFmpeg's own timeout should fire first
                 except queue.Empty:
                     raise VideoError(f"{self.source}: no frame for {self.timeout + 5:g} s; the source "
-                                     f"stalled after {count} frames", count) from None
+                                     f"stalled after {self.read} frames", self.read) from None
                 if isinstance(item, BaseException):
                     if isinstance(item, VideoError):
-                        item.frames = count
+                        item.frames = self.read
                     raise item
                 if item is None:
                     return
-                count += 1
                 self.read += 1
                 yield item
         finally:
