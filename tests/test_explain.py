@@ -1,4 +1,5 @@
-"""Grad-CAM: every registered model explains, the heat lies on the evidence, and the command writes overlays."""
+"""Heat maps (LayerCAM, Grad-CAM): every registered model explains, the heat lies on the evidence, and the
+command writes overlays."""
 import numpy as np
 import pytest
 import torch
@@ -42,7 +43,8 @@ def test_every_model_explains(name):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_heat_lies_on_the_evidence(tiny_run):
+@pytest.mark.parametrize("method", ["layercam", "gradcam"])
+def test_heat_lies_on_the_evidence(tiny_run, method):
     """A red square on grey, in each quadrant: explained as "red", the square is hotter than the rest."""
     clf = imgclf.load(tiny_run.run_dir)
     images, masks = [], []
@@ -54,7 +56,7 @@ def test_heat_lies_on_the_evidence(tiny_run):
             mask[row:row + 16, col:col + 16] = True
             images.append(img)
             masks.append(mask)
-    out = clf.explain(images, target="red")
+    out = clf.explain(images, target="red", method=method)
     assert [e.label for e in out] == ["red"] * 4
     for e, mask in zip(out, masks):
         assert e.heat[mask].mean() > 1.5 * e.heat[~mask].mean(), (e.heat[mask].mean(), e.heat[~mask].mean())
@@ -77,6 +79,8 @@ def test_explain_targets_probability_and_overlay(tiny_run, tmp_path):
         clf.explain(path, target="cat")
     with pytest.raises(ImgclfError, match="index below 3"):
         clf.explain(path, target=3)
+    with pytest.raises(ImgclfError, match="unknown heat-map method 'rise'; choose layercam or gradcam"):
+        clf.explain(path, method="rise")
     assert clf.explain([]) == []
 
 

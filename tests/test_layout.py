@@ -76,7 +76,7 @@ def test_the_cycle_finder_finds_one():
 
 def test_layers_import_downwards_only():
     """data and models import nothing above them; inference and the classifiers nothing of training,
-    evaluation, deploy or the command line, and Grad-CAM (explain) sits between the two; training,
+    evaluation, deploy or the command line, and the heat maps (explain) sit between the two; training,
     evaluation and deploy never the command line."""
     graph = import_graph()
     above = {

@@ -2,7 +2,7 @@
 
     clf = imgclf.load("runs/cifar10-seed-cnn")         # a run folder, a .safetensors checkpoint or an .onnx file
     clf.predict(["cat.jpg", "dog.png"], top_k=3)        # -> [Prediction(source, top=[(class, prob), ...])]
-    clf.explain("cat.jpg")[0].overlay().save("why.png")  # Grad-CAM: where the model looked
+    clf.explain("cat.jpg")[0].overlay().save("why.png")  # a heat map: where the model looked
 
 Every image gets exactly the training preprocessing, read from the checkpoint (never re-derived):
 the one image loader (EXIF orientation, any mode -> the model's channels), the same resize, the same
@@ -58,14 +58,15 @@ class Classifier(BaseClassifier):
         return predict_logits(self.model, x, self.normalizer, batch_size=batch_size,
                               autocast_dtype=self.autocast_dtype, channels_last=self.channels_last).cpu()
 
-    def explain(self, images: list[Any] | Any, target: Any = None, batch_size: int = 32) -> list[Explanation]:
-        """Grad-CAM (imgclf.explain) per image, for paths, bytes, PIL images or (S, S, C) uint8 arrays
-        preprocessed as :meth:`predict` does: a heat map (S, S) in [0, 1] of where the model found class
-        ``target`` (a name, an index, or a list with one per image; default: each image's top class), and
+    def explain(self, images: list[Any] | Any, target: Any = None, batch_size: int = 32,
+                method: str = "layercam") -> list[Explanation]:
+        """A heat map per image (imgclf.explain: LayerCAM, or ``method="gradcam"``), for paths, bytes, PIL images
+        or (S, S, C) uint8 arrays preprocessed as :meth:`predict` does: (S, S) in [0, 1], where the model found
+        class ``target`` (a name, an index, or a list with one per image; default: each image's top class), and
         ``.overlay()`` to look at it. An unreadable image raises :class:`ImgclfError` naming it."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         arrays = [self._to_array(img) for img in images]
-        return explain_arrays(self, arrays, [_describe(img) for img in images], target, batch_size)
+        return explain_arrays(self, arrays, [_describe(img) for img in images], target, batch_size, method)
 
 
 def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> BaseClassifier:

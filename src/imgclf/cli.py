@@ -147,7 +147,7 @@ def predict(
     batch_size: Optional[int] = typer.Option(None, help="--source: most frames per forward pass (default 32; a "
                                              "camera or stream sends those waiting)."),
     timeout: float = typer.Option(10.0, help="--source: seconds a camera or stream may give no frame."),
-    explain: Optional[Path] = typer.Option(None, help="Also write a Grad-CAM heat map over each image (where the "
+    explain: Optional[Path] = typer.Option(None, help="Also write a heat map (LayerCAM) over each image (where the "
                                            "model looked for its top class) as a PNG into this folder; needs a "
                                            "run folder or checkpoint, not an .onnx file."),
 ):

@@ -1,13 +1,16 @@
-"""Grad-CAM: where a model looked for its answer (Selvaraju et al. 2017, "Grad-CAM: Visual Explanations from
-Deep Networks via Gradient-based Localization", arXiv 1610.02391).
+"""Heat maps of where a model looked for its answer: LayerCAM (Jiang et al. 2021, "LayerCAM: Exploring
+Hierarchical Class Activation Maps for Localization", IEEE TIP 30), Grad-CAM's element-wise variant, or Grad-CAM
+itself (Selvaraju et al. 2017, arXiv 1610.02391).
 
-    heat, logits, classes = grad_cam(model, x_normalised)   # (N, H, W) in [0, 1], (N, K), (N,)
+    heat, logits, classes = cam(model, x_normalised)         # (N, H, W) in [0, 1], (N, K), (N,)
     clf.explain(["cat.jpg"])[0].overlay().save("cat.png")   # the same through a Classifier
 
-The gradient of the explained class's logit with respect to the model's last spatial feature map
-(``model.cam_layer()``), averaged over the map, weighs its channels; the weighted sum, through a ReLU, is
-upsampled to the input size. Written out rather than taken from captum: it is twenty lines on the one hook
-every registered model has, and captum would be a dependency for them.
+Both weigh the activations of one feature map (``model.cam_layer()``) by the gradient of the explained class's
+logit: Grad-CAM by its mean over the map, one weight a channel; LayerCAM by its positive part at each place.
+LayerCAM is the default because it stays faithful on a finer map: on the stride-16 maps the models name,
+hiding its hottest fifth of a photo costs the predicted class more than hiding random regions of that size
+far more often than Grad-CAM's heat does (docs/explain.md, benchmarks/gradcam.py). Written out rather than
+taken from captum: it is twenty lines on the one hook every registered model has.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ OVERLAY_MIN_SIDE = 224  # overlays of small inputs are scaled up by a whole fact
 
 @dataclass
 class Explanation:
-    """One image's Grad-CAM: ``heat`` (S, S) float32 in [0, 1] over the model's S x S input, for class
+    """One image's heat map: ``heat`` (S, S) float32 in [0, 1] over the model's S x S input, for class
     ``label`` (with its ``probability``); ``image`` is the input as the model saw it (centre crop, S x S)."""
     source: str
     heat: np.ndarray
@@ -52,7 +55,7 @@ class Explanation:
 
 
 def can_explain(clf) -> bool:
-    """Whether ``clf`` can give Grad-CAM heat maps: a PyTorch classifier whose model names a ``cam_layer``
+    """Whether ``clf`` can give heat maps: a PyTorch classifier whose model names a ``cam_layer``
     (an ONNX model has no gradients; a model without the hook has no layer to explain)."""
     model = getattr(clf, "model", None)
     if not isinstance(model, torch.nn.Module) or not hasattr(clf, "normalizer"):
@@ -61,15 +64,20 @@ def can_explain(clf) -> bool:
     return callable(cam_layer) and cam_layer() is not None
 
 
-def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+METHODS = ("layercam", "gradcam")
+
+
+def cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | None = None, method: str = "layercam"
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Heat maps (N, H, W) float32 in [0, 1], float32 logits (N, num_classes) and the classes explained (N,)
     for normalised images ``x`` (N, C, H, W): ``target`` (N,) class indices, where one below 0 (or None, for
-    all) means the image's top class. Runs in eval mode and float32; the model's training mode and its
-    parameters' requires_grad are as before afterwards."""
+    all) means the image's top class; ``method`` one of :data:`METHODS`. Runs in eval mode and float32; the
+    model's training mode and its parameters' requires_grad are as before afterwards."""
+    if method not in METHODS:
+        raise ImgclfError(f"unknown heat-map method {method!r}; choose {' or '.join(METHODS)}")
     layer = model.cam_layer() if hasattr(model, "cam_layer") else None
     if layer is None:
-        raise ImgclfError(f"{type(model).__name__} names no layer to explain (cam_layer); Grad-CAM needs one")
+        raise ImgclfError(f"{type(model).__name__} names no layer to explain (cam_layer); heat maps need one")
     kept: list[torch.Tensor] = []
 
     def keep(_module, _inputs, output):
@@ -94,11 +102,12 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | Non
             target = top if target is None else torch.where(target.to(top.device) < 0, top, target.to(top.device))
             # Images are independent in eval mode, so the gradient of the sum is each image's own.
             (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts)
-        weights = grads.float().mean((2, 3), keepdim=True)
-        cam = F.relu((weights * acts.detach().float()).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]  # an all-zero map stays zero
-        return (cam / peak).clamp(0, 1), logits.detach(), target
+        grads = grads.float()
+        weights = F.relu(grads) if method == "layercam" else grads.mean((2, 3), keepdim=True)
+        heat = F.relu((weights * acts.detach().float()).sum(1, keepdim=True))
+        heat = F.interpolate(heat, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        peak = heat.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]  # an all-zero map stays zero
+        return (heat / peak).clamp(0, 1), logits.detach(), target
     finally:
         handle.remove()
         for p, flag in zip(model.parameters(), flags):
@@ -106,11 +115,11 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor | Non
         model.train(was_training)
 
 
-def explain_arrays(clf, arrays: list[np.ndarray], sources: list[str], target=None, batch_size: int = 32
-                   ) -> list[Explanation]:
-    """Grad-CAM of a PyTorch classifier (``model``, ``normalizer``, ``classes``, ``temperature``) for
+def explain_arrays(clf, arrays: list[np.ndarray], sources: list[str], target=None, batch_size: int = 32,
+                   method: str = "layercam") -> list[Explanation]:
+    """Heat maps of a PyTorch classifier (``model``, ``normalizer``, ``classes``, ``temperature``) for
     preprocessed (S, S, C) uint8 images. ``target``: None (each image's top class), a class name or index
-    for all, or a list of them, one an image."""
+    for all, or a list of them, one an image; ``method``: see :func:`cam`."""
     targets = target if isinstance(target, (list, tuple)) else [target] * len(arrays)
     if len(targets) != len(arrays):
         raise ImgclfError(f"{len(targets)} targets for {len(arrays)} images")
@@ -122,7 +131,7 @@ def explain_arrays(clf, arrays: list[np.ndarray], sources: list[str], target=Non
     for i in range(0, len(arrays), step):
         part = arrays[i:i + step]
         x = clf.normalizer(to_tensor(np.stack(part)).to(device))
-        heat, logits, chosen = grad_cam(clf.model, x, torch.tensor(index[i:i + step], device=device))
+        heat, logits, chosen = cam(clf.model, x, torch.tensor(index[i:i + step], device=device), method)
         # the probability as predict gives it: calibrated by the checkpoint's temperature
         probs = torch.softmax(logits.cpu() / clf.temperature, dim=1).numpy()
         for j, (c, h) in enumerate(zip(chosen.tolist(), heat.cpu().numpy().astype(np.float32))):

@@ -241,7 +241,7 @@ class BaseClassifier:
                 video.close()
 
     def explain(self, images: list[Any] | Any, target: Any = None, batch_size: int = 32) -> list:
-        """Grad-CAM heat maps need the model's gradients, which only a PyTorch model has
+        """Heat maps need the model's gradients, which only a PyTorch model has
         (:meth:`imgclf.classifier.Classifier.explain`); another backend refuses."""
         raise ImgclfError(f"{self.path or 'this model'} cannot explain its answers: an ONNX model has no "
                           "gradients; pass the run folder or its .safetensors checkpoint instead")

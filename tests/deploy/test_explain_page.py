@@ -1,4 +1,4 @@
-"""imgclf serve's POST /explain (a Grad-CAM overlay as PNG) and the page's "Why?" toggle that shows it."""
+"""imgclf serve's POST /explain (a heat-map overlay as PNG) and the page's "Why?" toggle that shows it."""
 import io
 from urllib.parse import unquote
 

@@ -90,7 +90,7 @@ def test_report_in_a_real_browser(tiny_run, tmp_path):
 
 
 def test_report_galleries_get_heat_maps_of_the_images_shown(tiny_run, tmp_path):
-    """The cam galleries are drawn for a PyTorch run, inline in report.html; each overlay is the Grad-CAM of
+    """The cam galleries are drawn for a PyTorch run, inline in report.html; each overlay is the heat map of
     the very image the plain gallery shows, for the class predicted (for a misclassified one: the wrong one)."""
     import base64
     import dataclasses
@@ -109,7 +109,7 @@ def test_report_galleries_get_heat_maps_of_the_images_shown(tiny_run, tmp_path):
     for name in CAM_PLOTS:
         assert_plot(run / name)
         assert base64.b64encode((run / name).read_bytes()).decode("ascii") in page, name
-    assert "Grad-CAM" in page and "<b>predicted</b>" in page
+    assert "LayerCAM" in page and "<b>predicted</b>" in page
 
     clf = imgclf.load(run)
     ev = compute_evaluation(clf, progress=False)
@@ -143,6 +143,6 @@ def test_report_of_a_model_that_cannot_explain_keeps_plain_galleries(tiny_run, t
     write_report(run, ev, clf)
     page = (run / "report.html").read_text()
     assert not any((run / name).exists() for name in CAM_PLOTS)  # the old heat maps go with the model
-    assert page.count("<img") == len(RUN_PLOTS) - len(CAM_PLOTS) and "Grad-CAM" not in page
+    assert page.count("<img") == len(RUN_PLOTS) - len(CAM_PLOTS) and "LayerCAM" not in page
     for name in ("gallery_misclassified.png", "gallery_correct.png"):
         assert_plot(run / name)

@@ -182,7 +182,7 @@ def plot_gallery(ev: Any, indices: Sequence[int], title: str,
                  pictures: Sequence[np.ndarray] | None = None) -> bytes:
     """A grid of test images (from the arrays in memory: only those shown are touched), each titled with
     the true class, the prediction and its probability; green when right, red when wrong. ``pictures``
-    (one per index, e.g. Grad-CAM overlays of those images) are drawn in the images' place."""
+    (one per index, e.g. heat-map overlays of those images) are drawn in the images' place."""
     fig, ax = _figure("gallery_misclassified.png")
     cells = []
     for k, i in enumerate(indices):

@@ -34,7 +34,7 @@ from .plots import (
     plot_reliability,
 )
 
-# the galleries again with each image's Grad-CAM heat map over it: only for a model that can explain
+# the galleries again with each image's heat map over it: only for a model that can explain
 CAM_PLOTS = ("gallery_misclassified_cam.png", "gallery_correct_cam.png")
 RUN_PLOTS = ("curves.png", "confusion_matrix.png", "per_class_accuracy.png", "reliability.png",
              "gallery_misclassified.png", "gallery_correct.png", *CAM_PLOTS)
@@ -60,7 +60,7 @@ def report(run: str | Path, *, tta: str | None = None, batch_size: int = 512, de
 def write_report(run_dir: str | Path, ev: Any | None, clf: Any | None = None) -> Path:
     """Write the evaluation files, the plots and report.html for ``ev`` (None: a run without test data;
     only the curves and the run's record are shown). ``clf``: the classifier ``ev`` scored; when it can
-    explain (:func:`imgclf.explain.can_explain`), the galleries are drawn again with Grad-CAM heat maps
+    explain (:func:`imgclf.explain.can_explain`), the galleries are drawn again with heat maps (LayerCAM)
     (:data:`CAM_PLOTS`). -> the report.html path."""
     from .evaluate import save_evaluation
 
@@ -87,9 +87,9 @@ def write_report(run_dir: str | Path, ev: Any | None, clf: Any | None = None) ->
         heat = gallery_heat_maps(ev, clf, [wrong, right])
         if heat is not None:
             images["gallery_misclassified_cam.png"] = plot_gallery(
-                ev, wrong, "Misclassified: where the model saw the class it predicted (Grad-CAM)", heat[0])
+                ev, wrong, "Misclassified: where the model saw the class it predicted (LayerCAM)", heat[0])
             images["gallery_correct_cam.png"] = plot_gallery(
-                ev, right, "Correctly classified: where the model saw the class (Grad-CAM)", heat[1])
+                ev, right, "Correctly classified: where the model saw the class (LayerCAM)", heat[1])
     for name in CAM_PLOTS:  # an older report's heat maps, of a model that no longer draws them
         if name not in images:
             (run_dir / name).unlink(missing_ok=True)
@@ -101,9 +101,9 @@ def write_report(run_dir: str | Path, ev: Any | None, clf: Any | None = None) ->
 
 
 def gallery_heat_maps(ev: Any, clf: Any | None, groups: list[np.ndarray]) -> list[list[np.ndarray]] | None:
-    """Grad-CAM overlays (S, S, 3) uint8 of exactly the images ``ev`` shows for each group of indices, each
+    """Heat-map overlays (S, S, 3) uint8 of exactly the images ``ev`` shows for each group of indices, each
     explaining the class ``ev`` predicted for it (for a misclassified image: the wrong class), in one batch;
-    None when ``clf`` cannot explain (an ONNX model, a model without ``cam_layer``) or Grad-CAM fails (the
+    None when ``clf`` cannot explain (an ONNX model, a model without ``cam_layer``) or the heat map fails (the
     report is drawn without them, with a warning)."""
     from ..explain import can_explain, explain_arrays
 
@@ -352,17 +352,17 @@ def _metrics_sections(m: dict[str, Any], images: dict[str, bytes]) -> list[str]:
             "predicted class and its probability.</p>",
             _img(images["gallery_misclassified.png"], "misclassified test images")]
     if "gallery_misclassified_cam.png" in images:
-        out += ["<p class='muted'>The same images, in the same places, with their Grad-CAM heat map: red where "
+        out += ["<p class='muted'>The same images, in the same places, with their heat map (LayerCAM): red where "
                 "the model found the evidence for the class it <b>predicted</b> (the wrong one).</p>",
-                _img(images["gallery_misclassified_cam.png"], "misclassified test images with Grad-CAM heat maps "
+                _img(images["gallery_misclassified_cam.png"], "misclassified test images with heat maps "
                      "of the predicted class")]
     out += ["<h2 id='correct'>Correctly classified test images</h2>",
             "<p class='muted'>Highest loss first: the right answers it was least sure of.</p>",
             _img(images["gallery_correct.png"], "correctly classified test images")]
     if "gallery_correct_cam.png" in images:
-        out += ["<p class='muted'>The same images with their Grad-CAM heat map: red where the model found the "
+        out += ["<p class='muted'>The same images with their heat map (LayerCAM): red where the model found the "
                 "evidence for its (right) answer.</p>",
-                _img(images["gallery_correct_cam.png"], "correctly classified test images with Grad-CAM heat maps")]
+                _img(images["gallery_correct_cam.png"], "correctly classified test images with heat maps")]
     return out
 
 

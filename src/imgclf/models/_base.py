@@ -62,9 +62,10 @@ class ImageClassifier(nn.Module):
                 p.requires_grad_(False)
 
     def cam_layer(self) -> nn.Module | None:
-        """The module whose output is the last spatial feature map (N, C, h, w) before the features are pooled
-        or flattened: Grad-CAM (imgclf.explain) weighs its channels. Its output must not be changed in place
-        afterwards. Default: None, the model cannot explain its answers."""
+        """The module whose output is the feature map (N, C, h, w) that heat maps (imgclf.explain) weigh: the
+        last one before the network's last downsampling (stride 16 in a stride-32 network), semantic enough to
+        name the class and fine enough to point at it. Its output must not be changed in place afterwards.
+        Default: None, the model cannot explain its answers."""
         return None
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:

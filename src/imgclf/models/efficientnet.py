@@ -136,7 +136,9 @@ class EfficientNetLite(ImageClassifier):
         return [self.stem, *self.blocks]
 
     def cam_layer(self) -> nn.Module:
-        return self.conv_head  # the 1280-channel 1x1 conv, before the global average pool
+        # the last block before the last stride-2 stage: Lite0's 112-channel stage at stride 16
+        last_stride2 = max(i for i, b in enumerate(self.blocks) if b.dw.conv.stride == (2, 2))
+        return self.blocks[last_stride2 - 1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_head(self.blocks(self.stem(x)))

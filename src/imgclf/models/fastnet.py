@@ -107,7 +107,7 @@ class FastNet(ImageClassifier):
         return [self.whiten.bias]
 
     def cam_layer(self) -> nn.Module:
-        return self.blocks[-3]  # the last conv group, before the global max-pool
+        return self.blocks[-4]  # the second conv group, before the last group's 2x2 max-pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.whiten(x))

@@ -73,7 +73,7 @@ class ResNet(ImageClassifier):
         return nn.Linear(self.num_features, num_classes)  # PyTorch's default Linear init, as torchvision
 
     def cam_layer(self) -> nn.Module:
-        return self.stages  # the last stage's output, before the global average pool
+        return self.stages[-2]  # the stage before the last, whose first block halves the map
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))

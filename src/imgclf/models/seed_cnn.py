@@ -62,7 +62,7 @@ class SeedCNN(ImageClassifier):
         return head
 
     def cam_layer(self) -> nn.Module:
-        return self.features[-2]  # the last block's ReLU, before Flatten
+        return [m for m in self.features if isinstance(m, nn.ReLU)][-2]  # the block before the last's ReLU
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_logits(self.features(x))

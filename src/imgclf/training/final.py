@@ -140,7 +140,7 @@ def _write_report(t, evaluation) -> None:
 
 
 def _final_classifier(t, evaluation):
-    """The final weights as a Classifier, for the report's Grad-CAM galleries (None without test data, or
+    """The final weights as a Classifier, for the report's heat-map galleries (None without test data, or
     when they cannot be loaded: the report is then drawn without heat maps). Loaded from the checkpoint
     just written rather than wrapping the training model, which may be compiled or distributed."""
     if evaluation is None:

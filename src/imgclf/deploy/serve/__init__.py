@@ -8,7 +8,7 @@ Endpoints:
     POST /predict?top_k=3   multipart, one or more image files (any field name; "files" in the docs)
                             -> {"predictions": [{"source": name, "top": [{"class", "probability"}, ...]}]}
     POST /explain           multipart, one image in "files" (+ optional "target" class: a name or an index)
-                            -> image/png: its Grad-CAM heat map over it (501 for a model that cannot explain)
+                            -> image/png: its heat map over it (501 for a model that cannot explain)
     GET  /health            {"status": "ok", "queued": ..., "batches": ..., "images": ...}
     GET  /model             classes, input size, preprocessing, metrics from the checkpoint, "explain"
     GET  /                  the web page: drop, pick or photograph an image; top-k bars
@@ -292,11 +292,11 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
         preds = [Prediction(source=n, top=top) for n, top in zip(names, clf.rank(probs, top_k))]
         return {"predictions": [p.to_dict() for p in preds]}
 
-    # Grad-CAM: a forward and a backward pass, one at a time on its own thread, on a copy of the model made on
+    # A heat map: a forward and a backward pass, one at a time on its own thread, on a copy of the model made on
     # first use: its hook on the model's layer must never see the micro-batcher's forward passes.
     explain_pool = ThreadPoolExecutor(1, thread_name_prefix="imgclf-explain")
     explainer: list[Any] = []
-    explaining = [0]  # /explain requests waiting for or in Grad-CAM (touched on the event loop only)
+    explaining = [0]  # /explain requests waiting for or in a heat-map pass (touched on the event loop only)
 
     def overlay_png(array: np.ndarray, name: str, target: str | int | None) -> tuple[bytes, str, float]:
         if not explainer:
@@ -308,7 +308,7 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
         found.overlay().save(buf, "PNG")
         return buf.getvalue(), found.label, found.probability
 
-    @app.post("/explain", summary="Grad-CAM heat map over one image, as a PNG", response_class=Response,
+    @app.post("/explain", summary="Heat map over one image, as a PNG", response_class=Response,
               description="The image as the model saw it (centre crop, scaled up by a whole factor to at least "
                           "224 px) with a heat map over it, red where the evidence for the class lies: `target` "
                           "(a class name or index), by default the top class. Headers X-Class and "
@@ -328,7 +328,7 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
                          503: {"description": "heat maps queued; retry after Retry-After seconds"}})
     async def explain(request: Request):
         if not info["explain"]:
-            raise ApiError(501, f"this {info['format']} model cannot explain its answers: Grad-CAM needs a "
+            raise ApiError(501, f"this {info['format']} model cannot explain its answers: a heat map needs a "
                                 "PyTorch model's gradients; serve the run folder or its .safetensors checkpoint")
         form, files = await _upload(request, 1, config.max_upload_bytes, "/explain takes one image per request")
         try:
@@ -345,7 +345,7 @@ def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeCo
                 array = await loop.run_in_executor(decode_pool, decode_upload, data, name, clf.preprocess,
                                                    config.max_pixels, decode_budget)
                 del data
-                if await request.is_disconnected():  # gone while its image was decoded: no Grad-CAM
+                if await request.is_disconnected():  # gone while its image was decoded: no heat map
                     raise ClientDisconnect
                 png, label, probability = await loop.run_in_executor(explain_pool, overlay_png, array, name,
                                                                      target)
