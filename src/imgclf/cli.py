@@ -81,6 +81,7 @@ def train(
     sync_bn: Optional[bool] = typer.Option(None, "--sync-bn", help=_h("sync_bn")),
     project: Optional[str] = typer.Option(None, help=_h("project")),
     name: Optional[str] = typer.Option(None, help=_h("name")),
+    log: Optional[List[str]] = typer.Option(None, help=_h("log")),
     config: Optional[Path] = typer.Option(None, help="TOML/JSON config file; flags override it."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its `last` checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -95,6 +96,7 @@ def train(
     overrides = {k: v for k, v in locals().items()
                  if k not in ("config", "resume", "progress", "dry_run", "train_fn", "parse_duration", "process_age")}
     overrides["time_budget"] = parse_duration(time_budget) if time_budget is not None else None
+    overrides["log"] = log or None  # no --log: the config file's (or none), not an empty list over it
     # a time budget covers the whole command, start-up and imports included
     result = train_fn(config, resume=resume, progress=progress, started=time.monotonic() - process_age(),
                       dry_run=dry_run, **overrides)

@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import ImgclfError
 
@@ -31,6 +31,7 @@ SCHEDULES = ("constant", "onecycle", "plateau", "cosine", "linear")
 TTA_MODES = ("flip", "flip+translate", "translate")
 PRECISIONS = ("auto", "fp32", "bf16")
 MONITORS = ("val_loss", "val_acc")
+TRACKERS = ("tensorboard", "mlflow")
 DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 0.05,  # Keras' Adam default; a safe SGD+Nesterov start
               "muon": 0.18}  # Muon's filter step (see optim.py); its SGD groups scale with it
 
@@ -92,6 +93,8 @@ class TrainConfig:
     eval_batch_size: int = 256          # batch size of validation and testing (256 scores fastest on 2 CPU cores)
     project: str = "runs"               # parent folder of run folders
     name: str | None = None             # run folder name; None = "<dataset>-<model>", auto-numbered
+    log: tuple[str, ...] = ()           # experiment tracking, repeatable: tensorboard (events in the run folder),
+                                        # mlflow (to MLFLOW_TRACKING_URI)
 
     def __post_init__(self):
         _check_types(self)
@@ -102,6 +105,8 @@ class TrainConfig:
         _one_of("tta", self.tta, TTA_MODES + ("none",))
         _one_of("class_weights", self.class_weights, ("none", "auto"))
         _one_of("data_in_memory", self.data_in_memory, ("auto", "yes", "no"))
+        for tracker in self.log:
+            _one_of("log", tracker, TRACKERS)
         if self.val_every is not None and self.val_every < 0:
             raise ImgclfError(f"val_every must be 0 (only after the last epoch) or more, got {self.val_every}")
         for key in ("epochs", "batch_size", "eval_batch_size"):
@@ -254,6 +259,13 @@ def _check_types(cfg: TrainConfig) -> None:
     hints = get_type_hints(TrainConfig)
     for f in fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
+        if get_origin(hint) is tuple:  # a list of values; one value alone (log="mlflow") is a list of one
+            item = get_args(hint)[0]
+            value = (value,) if isinstance(value, item) else value
+            if not (isinstance(value, (list, tuple)) and all(isinstance(v, item) for v in value)):
+                raise ImgclfError(f"setting {f.name!r} must be a list of {item.__name__}, got {value!r}")
+            object.__setattr__(cfg, f.name, tuple(value))  # TOML and the command line give lists
+            continue
         allowed = getattr(hint, "__args__", (hint,))
         if value is None and type(None) in allowed:
             continue
@@ -276,4 +288,6 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string

@@ -41,6 +41,12 @@ class Callback:
         """After the last epoch, an early stop or an interruption (``status``); also when the loop raised
         (``"failed"``)."""
 
+    def on_run_end(self, trainer: Any, status: str, test_metrics: dict[str, Any] | None) -> None:
+        """Once, when the run is over: after the final test and the report, with ``status`` as in
+        ``on_train_end`` and the test metrics (None on the processes that do not test, and when interrupted);
+        or after training started, when the run failed (``"failed"``) or a second Ctrl-C aborted it
+        (``"aborted"``)."""
+
 
 class Checkpointing(Callback):
     """``last`` after every epoch (and at an interruption mid-epoch), ``best`` when the monitored score improved,

@@ -41,6 +41,7 @@ def finish(t, status: str) -> TrainResult:
     result = dict(run_dir=t.run_dir, status=status, epochs_done=state.epoch, best_epoch=state.best_epoch,
                   history=state.history, notes=t.notes)
     if not t.world.is_main:  # rank 0 alone tests the final model, writes the report, prints the folder
+        t.end_callbacks(status, None)
         return TrainResult(**result)
     test_metrics = evaluation = None
     if status == "interrupted":
@@ -54,6 +55,7 @@ def finish(t, status: str) -> TrainResult:
         if t.setup.plan is not None:  # the time taken, report included, against the plan's
             t.write_run_json(status, epochs_done=state.epoch, best_epoch=state.best_epoch,
                              test_metrics=test_metrics, plan=_check_plan(t))
+    t.end_callbacks(status, test_metrics)  # the trackers log the report's files, which exist from here on
     print(t.run_dir, flush=True)  # the last line printed: the run folder
     return TrainResult(**result, test_metrics=test_metrics)
 

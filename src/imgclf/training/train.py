@@ -33,6 +33,7 @@ from .loop import fit
 from .run_folder import RunLock, checkpoint_meta, new_run_dir, write_metrics_csv, write_run_json
 from .setup import Setup, prepare
 from .state import TrainState
+from .tracking import trackers
 
 # Settings a resumed run may change; everything else must match the run's config to resume exactly.
 RESUMABLE_OVERRIDES = {"epochs", "device", "eval_batch_size", "patience", "data_in_memory"}
@@ -93,6 +94,7 @@ class Trainer:
         self.scored_test: tuple[int, Any] | None = None  # (epoch, its test logits) when validating on test
         self.notes: list[str] = []
         self.callbacks: list[Callback] = []
+        self._unended: list[Callback] = []  # the callbacks whose on_run_end is still to come
         self._locks = contextlib.ExitStack()  # the run folder's lock, held by the writing process until run() ends
 
     # what callbacks and tests reach for
@@ -113,11 +115,16 @@ class Trainer:
                 return self._run()
             except BaseException as e:
                 self._mark_failed(e)
+                with contextlib.suppress(Exception):  # the error that ended the run is the one to report
+                    self.end_callbacks("aborted" if isinstance(e, KeyboardInterrupt) else "failed", None)
                 raise
 
     def _run(self) -> TrainResult:
         if self.resume_dir is not None and self.world.is_main:  # before `last` is read: another resume may write it
             self._locks.enter_context(RunLock(self.resume_dir))
+        # --log: each tracker checks its package and its server now, so that a bad one fails before the data is
+        # read; the main process alone logs
+        tracking = trackers(self.user_cfg.log) if self.world.is_main and not self.dry_run else []
         resume = _load_last(self.resume_dir, self.log) if self.resume_dir else None
         self.setup = s = prepare(self.user_cfg, self.world, resume=resume, started=self.started,
                                  progress=self.progress)
@@ -142,9 +149,16 @@ class Trainer:
             Checkpointing(), EarlyStopping(cfg.patience, cfg.monitor),
             *([TimeBudget(cfg.time_budget, s.budget_end_seconds, self.started)]
               if s.budget_end_seconds is not None else []),
-            Eta(), *([FrozenBatchNorm()] if s.fine_tuning else []),
+            Eta(), *([FrozenBatchNorm()] if s.fine_tuning else []), *tracking,
             StopOnSigint(), *self.user_callbacks]
+        self._unended = list(self.callbacks)
         return finish(self, fit(self))
+
+    def end_callbacks(self, status: str, test_metrics: dict[str, Any] | None) -> None:
+        """Each callback's ``on_run_end``, once a run."""
+        callbacks, self._unended = self._unended, []
+        for cb in callbacks:
+            cb.on_run_end(self, status, test_metrics)
 
     def _mark_failed(self, error: BaseException) -> None:
         """run.json says ``failed`` and why (``interrupted`` for a Ctrl-C that aborted at once), whatever went
