@@ -24,7 +24,7 @@ import numpy as np
 
 import imgclf
 from imgclf.data.run_data import load_run_data, remap_labels
-from imgclf.deploy.export import sample_indices
+from imgclf.deploy.parity import sample_indices
 
 CHUNK = 64  # images explained and scored at a time: memory stays flat on photo-sized test sets
 

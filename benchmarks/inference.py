@@ -26,8 +26,9 @@ from imgclf.classifier import Classifier
 from imgclf.data.images import Preprocess
 from imgclf.data.run_data import load_run_data
 from imgclf.data.tensors import channel_stats, to_tensor
-from imgclf.deploy.export import export_onnx, sample_indices, throughput
+from imgclf.deploy.export import export_onnx
 from imgclf.deploy.int8 import needs_reduce_range, quantize_int8
+from imgclf.deploy.parity import sample_indices, throughput
 from imgclf.onnx_runtime import load_onnx
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.gz"

@@ -71,6 +71,29 @@ def colour_folder(root: Path, n_train: int = 24, n_test: int = 8, size: int = 32
     return image_folder(root, spec, size=size, mode=mode, noise=40.0, seed=seed)
 
 
+def scene(colour, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) uint8: a noisy ``colour`` background with a rectangle of a random colour at a random place,
+    so every image of a class looks like the class and yet is a picture of its own (doctor's duplicate tests)."""
+    img = pixels(colour, size, noise=8.0, rng=rng)
+    x0, y0 = rng.integers(0, size * 2 // 3, 2)
+    w, h = rng.integers(size // 6, size // 3, 2)
+    img[y0:y0 + h, x0:x0 + w] = rng.integers(0, 256, 3)
+    return img
+
+
+def scene_folder(root: Path, spec: dict[str, int], size: int = 64, seed: int = 0) -> Path:
+    """Like :func:`image_folder` (``spec``: {"train/red": 20, ...}), of :func:`scene` JPEGs. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    classes = sorted({folder.rsplit("/", 1)[-1] for folder in spec})
+    for folder, n in spec.items():
+        cls = folder.rsplit("/", 1)[-1]
+        for i in range(n):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(scene(class_colour(cls, classes.index(cls)), size, rng)).save(
+                root / folder / f"{i}.jpg", quality=90)
+    return root
+
+
 def video_clip(path: Path, colours, seconds: float = 1.0, fps: int = 10, size=(96, 64), noise: float = 20.0,
                seed: int = 0, fmt: str | None = None, codec: str = "libx264", **options) -> Path:
     """A video of noisy colour segments, ``seconds`` each at ``fps``: e.g. colours=("red", "blue") gives a

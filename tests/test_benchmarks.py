@@ -120,3 +120,20 @@ def test_gradcam_hides_the_hottest_pixels_with_the_mean():
     out = gc.hide(image, np.array([7, 19]), np.array([124, 116, 104], np.uint8))
     assert (out[1, 2] == [124, 116, 104]).all() and (out[3, 4] == [124, 116, 104]).all()
     assert (out == 9).all(axis=2).sum() == 18 and (image == 9).all()  # the input is untouched
+
+
+def test_doctor_benchmark_flips_a_share_into_other_classes_and_adds_copies(tmp_path):
+    from synthetic import image_folder
+
+    db = _load("doctor")
+    folder = image_folder(tmp_path / "d", {"a": 20, "b": 20}, size=(16, 12))
+    flipped = db.flip_labels(folder, 0.05, seed=0)
+    assert len(flipped) == 2 and all((folder / p).is_file() for p in flipped)
+    assert all(p.split("/")[1].startswith("flipped-") for p in flipped)  # in another class's folder, moved
+    assert len(list(folder.rglob("*.png"))) == 40
+    assert db.flip_labels(image_folder(tmp_path / "e", {"a": 20, "b": 20}), 0.05, seed=0) == flipped  # seeded
+    copies = db.add_copies(folder, 5, seed=0)
+    assert len(copies) == 5 and {c.split("copy-")[1].split("-")[0] for c in copies} == {"half_q60", "crop10",
+                                                                                      "mirror", "bright", "q40"}
+    assert all((folder / c).is_file() and (folder / o).is_file() and c.split("/")[0] == o.split("/")[0]
+               for c, o in copies.items())

@@ -7,7 +7,7 @@
     clf.predict(["my_cat.jpg"], top_k=3)
 
 The ``imgclf`` command is the same functions: ``imgclf train``, ``imgclf evaluate``, ``imgclf predict``,
-``imgclf models``, ``imgclf report``, ``imgclf inspect``, ``imgclf compare``, ``imgclf runs``.
+``imgclf models``, ``imgclf report``, ``imgclf inspect``, ``imgclf compare``, ``imgclf runs``, ``imgclf prune``.
 """
 from ._version import __version__  # a leaf module: importing it runs nothing else
 from .utils import flush_denormals
@@ -27,7 +27,9 @@ from .evaluation.runs import compare, runs  # noqa: E402
 from .inference import FramePrediction, Prediction  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 from .onnx_runtime import OnnxClassifier  # noqa: E402
+from .tflite_runtime import TfliteClassifier  # noqa: E402
 from .training.callbacks import Callback  # noqa: E402
+from .training.prune import prune  # noqa: E402
 from .training.train import TrainResult, train  # noqa: E402
 
 __all__ = [
@@ -35,4 +37,5 @@ __all__ = [
     "TrainConfig", "TrainResult", "Callback", "Classifier", "Prediction", "FramePrediction", "Dataset",
     "Preprocess", "ImgclfError",
     "report", "inspect", "compare", "runs", "calibrate", "Evaluation", "export", "OnnxClassifier",
+    "TfliteClassifier", "prune",
 ]

@@ -22,7 +22,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .data.images import Preprocess
-from .models import create_model, list_models
+from .errors import ImgclfError
+from .models import PRUNED, create_model, list_models
+from .models._resize import resize_to
 
 MAX_META_CHARS = 16 * 2**20
 MAX_TRAIN_STATE_CHARS = 64 * 2**20
@@ -170,7 +172,7 @@ def check_meta(meta: Any, required: tuple[str, ...] = ()) -> None:
     _optional(meta, "temperature_fitted_on", lambda v, what: _str(v, 1000, what))
     _optional(meta, "kind", lambda v, what: _str(v, 100, what))
     _optional(meta, "epoch", lambda v, what: _int(v, 0, MAX_COUNT, what))
-    for key in ("metrics", "best", "test_metrics", "onnx"):
+    for key in ("metrics", "best", "test_metrics", "onnx", "tflite"):
         _optional(meta, key, lambda v, what: _type(v, dict, what))
     _optional(meta, "data", _check_data)
 
@@ -184,6 +186,7 @@ def _check_arch(arch: Any) -> dict:
     _int(arch["num_classes"], 1, MAX_CLASSES, "arch.num_classes")
     _channels(arch.get("in_channels", 3), "arch.in_channels")
     _int(arch.get("image_size", 32), *IMAGE_SIZES, "arch.image_size")
+    _optional(arch, PRUNED, lambda v, what: _type(v, bool, f"arch.{what}"))  # the widths come from the weights
     for key, value in arch.items():
         if key in _OPTIONS:
             _OPTIONS[key](value, f"arch.{key}")
@@ -205,17 +208,37 @@ def _check_data(rec: Any, what: str) -> None:
     _optional(rec, "skip_bad_images", lambda v, w: _type(v, bool, f"{what}.{w}"))
     _optional(rec, "image_size", lambda v, w: _int(v, 1, IMAGE_SIZES[1], f"{what}.{w}"))
     _optional(rec, "channels", lambda v, w: _channels(v, f"{what}.{w}"))
+    _optional(rec, "exclude", lambda v, w: _names(v, f"{what}.{w}"))
+    _optional(rec, "relabel", lambda v, w: _relabels(v, f"{what}.{w}"))
+
+
+def _names(value: Any, what: str) -> None:
+    """Image names (--exclude): a list of short strings."""
+    _type(value, list, what)
+    for i, name in enumerate(value):
+        _str(name, 4096, f"{what}[{i}]")
+
+
+def _relabels(value: Any, what: str) -> None:
+    """Image name -> class name (--relabel)."""
+    _dict(value, what)
+    for name, cls in value.items():
+        _str(name, 4096, f"{what} key")
+        _str(cls, MAX_CLASS_CHARS, f"{what}[{show(name)}]")
 
 
 # ---------------------------------------------------------------------------------------------- tensors
 def check_layout(meta: dict, layout: dict[str, tuple[list[int], str]]) -> list[str]:
     """The model state (``layout``: name -> (shape, safetensors dtype), no ``train/`` tensors) must be exactly the
-    state of the network ``meta["arch"]`` describes, built on the meta device (nothing allocated).
-    -> the names of its floating-point tensors."""
+    state of the network ``meta["arch"]`` describes, built on the meta device (nothing allocated); a pruned one
+    narrowed to the weights' shapes first, as loading does (models._resize). -> the names of its floating-point
+    tensors."""
     if "arch" not in meta:
         return [k for k, (_, dtype) in layout.items() if dtype in FLOAT_DTYPES]
     arch, size = meta["arch"], meta["preprocess"]["image_size"]
     model = _meta_model(arch)
+    if arch.get(PRUNED):  # narrower layers than the registry's: shape-driven, then the same checks as any other
+        _narrow_to(model, arch, {k: shape for k, (shape, _) in layout.items()})
     if size != arch.get("image_size", 32):  # predictions are made at the preprocessing's size
         if getattr(model, "fixed_input_size", False):
             raise Invalid(f"preprocess.image_size {size} differs from arch.image_size {arch.get('image_size', 32)}, "
@@ -257,9 +280,20 @@ class _NoInit(TorchFunctionMode):
 def _meta_model(arch: dict) -> torch.nn.Module:
     try:
         with torch.device("meta"), _NoInit():
-            return create_model(**arch)
+            return create_model(**{k: v for k, v in arch.items() if k != PRUNED})
     except Exception as e:  # noqa: BLE001  (the builder's own refusal, whatever its type: the arch is damaged)
         raise Invalid(f"arch {show(arch, 120)} does not build ({show(str(e), 120)})") from None
+
+
+def _narrow_to(model: torch.nn.Module, arch: dict, shapes: dict[str, list[int]]) -> None:
+    """A pruned network: its layers narrowed to the weights' shapes, each of which must be what pruning leaves
+    (narrower, same kernel, the head's classes kept). That the widths chain up is checked when the model is built
+    for real (models._resize.create_model_for), where a forward pass costs nothing to import."""
+    try:
+        with torch.device("meta"):
+            resize_to(model, shapes)
+    except ImgclfError as e:
+        raise Invalid(f"its weights do not fit a pruned {arch['name']}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- training state

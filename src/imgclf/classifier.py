@@ -1,6 +1,6 @@
 """Load a trained model and predict classes for any image.
 
-    clf = imgclf.load("runs/cifar10-seed-cnn")         # a run folder, a .safetensors checkpoint or an .onnx file
+    clf = imgclf.load("runs/cifar10-seed-cnn")         # a run folder, a .safetensors checkpoint, .onnx or .tflite
     clf.predict(["cat.jpg", "dog.png"], top_k=3)        # -> [Prediction(source, top=[(class, prob), ...])]
     clf.explain("cat.jpg")[0].overlay().save("why.png")  # a heat map: where the model looked
 
@@ -23,8 +23,9 @@ from .data.tensors import Normalizer
 from .errors import ImgclfError
 from .explain import Explanation, explain_arrays
 from .inference import BaseClassifier, _describe, predict_logits
-from .models import create_model
+from .models import create_model_for
 from .onnx_runtime import load_onnx
+from .tflite_runtime import load_tflite
 from .utils import natural_key, resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -71,12 +72,15 @@ class Classifier(BaseClassifier):
 
 def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> BaseClassifier:
     """Load a run folder or checkpoint as a :class:`Classifier` (no pickle involved), or an ``.onnx``
-    file written by ``imgclf export`` as an :class:`~imgclf.onnx_runtime.OnnxClassifier` (ONNX Runtime).
+    file written by ``imgclf export`` as an :class:`~imgclf.onnx_runtime.OnnxClassifier` (ONNX Runtime), or a
+    ``.tflite`` one as a :class:`~imgclf.tflite_runtime.TfliteClassifier` (LiteRT).
     An already loaded classifier is returned as it is."""
     if isinstance(path, BaseClassifier):
         return path
     if str(path).lower().endswith(".onnx"):
         return load_onnx(path, device=device)
+    if str(path).lower().endswith(".tflite"):
+        return load_tflite(path, device=device)
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
     try:
@@ -84,7 +88,7 @@ def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> Bas
     except (KeyError, TypeError) as e:
         raise ImgclfError(f"{ckpt.path}: checkpoint metadata is incomplete ({e}); was it written by imgclf?") from e
     dev = resolve_device(device)
-    model = create_model(**arch)
+    model = create_model_for(arch, {k: v.shape for k, v in ckpt.state_dict.items()})  # pruned: narrower
     missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
     if missing or unexpected:
         raise ImgclfError(f"{ckpt.path}: weights do not fit {arch.get('name')} "

@@ -4,6 +4,7 @@
     imgclf evaluate runs/cifar10-seed-cnn
     imgclf predict runs/cifar10-seed-cnn cat.jpg photos/ "more/*.png" --top-k 3
     imgclf export runs/cifar10-seed-cnn --format onnx --int8
+    imgclf prune runs/cifar10-seed-cnn --amount 0.5
     imgclf serve runs/cifar10-seed-cnn/best.int8.onnx
     imgclf models
 
@@ -52,6 +53,7 @@ def train(
     freeze_epochs: Optional[int] = typer.Option(None, help=_h("freeze_epochs")),
     backbone_lr_mult: Optional[float] = typer.Option(None, help=_h("backbone_lr_mult")),
     freeze_blocks: Optional[int] = typer.Option(None, help=_h("freeze_blocks")),
+    freeze_bn: Optional[bool] = typer.Option(None, "--freeze-bn/--no-freeze-bn", help=_h("freeze_bn")),
     class_weights: Optional[str] = typer.Option(None, help=_h("class_weights")),
     balanced_sampling: Optional[bool] = typer.Option(None, "--balanced-sampling", help=_h("balanced_sampling")),
     epochs: Optional[int] = typer.Option(None, help=_h("epochs")),
@@ -72,6 +74,8 @@ def train(
     tta: Optional[str] = typer.Option(None, help=_h("tta")),
     test_split: Optional[float] = typer.Option(None, help=_h("test_split")),
     fraction: Optional[float] = typer.Option(None, help=_h("fraction")),
+    exclude: Optional[str] = typer.Option(None, help=_h("exclude")),
+    relabel: Optional[str] = typer.Option(None, help=_h("relabel")),
     image_size: Optional[int] = typer.Option(None, help=_h("image_size")),
     skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images", help=_h("skip_bad_images")),
     data_in_memory: Optional[str] = typer.Option(None, help=_h("data_in_memory")),
@@ -106,7 +110,7 @@ def train(
 
 @app.command()
 def evaluate(
-    model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint or .onnx file."),
+    model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint, .onnx or .tflite file."),
     data: Optional[str] = typer.Option(None, help="Other data to score on (default: the run's own test split)."),
     split: str = typer.Option("test", help="test, val or train."),
     batch_size: int = typer.Option(512, help="Evaluation batch size."),
@@ -134,7 +138,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint or .onnx file."),
+    model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint, .onnx or .tflite file."),
     paths: Optional[List[str]] = typer.Argument(None, help="Image files, folders or globs."),
     top_k: int = typer.Option(3, help="How many classes to show per image."),
     fmt: Format = typer.Option(Format.table, "--format", help="table, json or csv (one line per frame for "
@@ -151,7 +155,7 @@ def predict(
     timeout: float = typer.Option(10.0, help="--source: seconds a camera or stream may give no frame."),
     explain: Optional[Path] = typer.Option(None, help="Also write a heat map (LayerCAM) over each image (where the "
                                            "model looked for its top class) as a PNG into this folder; needs a "
-                                           "run folder or checkpoint, not an .onnx file."),
+                                           "run folder or checkpoint, not an exported .onnx or .tflite file."),
 ):
     """Predict classes for images, or for every frame of a video (--source); unreadable files get their own
     error line (exit 1 if any)."""
@@ -183,7 +187,7 @@ def predict(
     if not files:
         raise ImgclfError("no images found in the given paths")
     if explain is not None:
-        clf.explain([])  # an .onnx model refuses here, before any output
+        clf.explain([])  # an exported model refuses here, before any output
     preds = clf.predict(files, top_k=top_k, errors="report")
     if fmt == Format.json:
         typer.echo(json.dumps([p.to_dict() for p in preds], indent=2))
@@ -255,26 +259,31 @@ def datasets(as_json: bool = typer.Option(False, "--json", help="Print JSON for 
 @app.command()
 def export(
     checkpoint: str = typer.Argument(..., help="Run folder or .safetensors checkpoint."),
-    fmt: str = typer.Option("onnx", "--format", help="Export format: onnx."),
-    int8: bool = typer.Option(False, "--int8", help="Also write a statically quantized int8 model (QDQ, "
-                              "per-channel) and compare accuracy, size and speed."),
-    out: Optional[Path] = typer.Option(None, help="File to write (default <checkpoint>.onnx / .int8.onnx)."),
+    fmt: str = typer.Option("onnx", "--format", help="Export format: onnx, or tflite (LiteRT; its converter is "
+                            "installed into a venv of its own on first use, see docs/export.md)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a statically quantized int8 model (ONNX: QDQ, "
+                              "per-channel; tflite: full-integer) and compare accuracy, size and speed."),
+    out: Optional[Path] = typer.Option(None, help="File to write (default <checkpoint>.onnx / .int8.onnx, "
+                                       ".tflite / .int8.tflite)."),
     data: Optional[str] = typer.Option(None, help="Images for the parity check (default: the run's test split)."),
     calib_data: Optional[str] = typer.Option(None, help="Images to calibrate int8 on (default: the run's "
                                              "training split)."),
     calib_images: int = typer.Option(300, help="How many images to calibrate int8 on."),
     check_images: int = typer.Option(2000, help="Test images for the parity check (0 = all)."),
-    min_agreement: float = typer.Option(0.995, help="Least top-1 agreement of fp32 ONNX with PyTorch that passes."),
-    max_int8_drop: float = typer.Option(0.005, help="Most top-1 accuracy int8 may lose (0.005 = 0.5 points)."),
-    speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure images/s at batch 256."),
+    min_agreement: float = typer.Option(0.995, help="Least top-1 agreement of the fp32 export with PyTorch that "
+                                        "passes."),
+    max_int8_drop: Optional[float] = typer.Option(None, help="Most top-1 accuracy int8 may lose (default 0.005 = "
+                                                  "0.5 points for onnx, 0.01 for tflite)."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Measure images/s (onnx: batch 256; tflite: "
+                               "batch 1 and 64)."),
     portable: bool = typer.Option(False, "--portable", help="int8: keep every weight zero point at 0 (runtimes "
                                   "such as TensorRT need it) instead of picking ONNX Runtime's faster kernel per "
                                   "layer on this CPU."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Export to ONNX, then check parity with PyTorch on real test images: exit 1 when fp32 agrees on
-    fewer than 99.5% of top-1 classes, or int8 loses more than 0.5 accuracy points."""
+    """Export to ONNX or LiteRT (tflite), then check parity with PyTorch on real test images: exit 1 when fp32
+    agrees on fewer than 99.5% of top-1 classes, or int8 loses more than 0.5 (tflite: 1) accuracy points."""
     from .deploy.export import ParityError
     from .deploy.export import export as export_fn
 
@@ -290,8 +299,33 @@ def export(
 
 
 @app.command()
+def prune(
+    run: str = typer.Argument(..., help="Run folder (or its checkpoint): its config.toml sets the fine-tune."),
+    amount: float = typer.Option(0.5, help="Share of every prunable layer's channels to remove, strictly between 0 "
+                                 "and 1 (0.5: half)."),
+    epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs (default: an eighth of the run's, at least "
+                                         "1)."),
+    importance: str = typer.Option("taylor", help="How channels are ranked: taylor (|weight x gradient| on 2,000 of "
+                                   "the run's training images) or magnitude (their weights' L2 norm, no data)."),
+    global_ranking: bool = typer.Option(False, "--global", help="Rank all layers' channels together (wide layers "
+                                        "may give up more) instead of the same share of each layer."),
+    name: Optional[str] = typer.Option(None, help="Run folder name (default: <run>-pruned<amount>)."),
+    project: Optional[str] = typer.Option(None, help="Parent folder of the new run (default: the run's project)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Remove channels from a trained run's model (structured pruning), fine-tune it briefly with the run's recipe,
+    and write a new run folder; prints parameters and MACs before and after, and, last, the folder."""
+    from .training.prune import prune as prune_fn
+
+    result = prune_fn(run, amount, epochs=epochs, importance=importance, global_ranking=global_ranking, name=name,
+                      project=project, progress=progress)
+    if result.status == "interrupted":
+        raise typer.Exit(130)
+
+
+@app.command()
 def serve(
-    model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint or .onnx file."),
+    model: str = typer.Argument(..., help="Run folder, .safetensors checkpoint, .onnx or .tflite file."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="Port."),
     max_batch: int = typer.Option(64, help="Most images in one forward pass."),
@@ -352,6 +386,26 @@ def inspect(
 
     info = inspect_fn(data, out=out, progress=progress)
     typer.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+
+
+@app.command()
+def doctor(
+    data: str = typer.Argument(..., help="Dataset: an image folder or archive (or anything --data takes)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for doctor.html and doctor.csv (default doctor/<name>)."),
+    folds: int = typer.Option(5, help="Folds of the cross-validation that gives each image's out-of-fold "
+                              "probabilities (every class needs this many images)."),
+    image_size: int = typer.Option(192, help="Side the images are embedded at, px."),
+    seed: int = typer.Option(0, help="Seed of the folds."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Leave unreadable images out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Label issues (images whose label looks wrong), near-duplicates within and across splits, outliers: a
+    page with thumbnails (doctor.html) and a CSV to mark exclude/relabel and give to `train --exclude/--relabel`."""
+    from .evaluation.doctor import doctor as doctor_fn
+    from .evaluation.doctor import format_doctor
+
+    typer.echo(format_doctor(doctor_fn(data, out=out, folds=folds, image_size=image_size, seed=seed,
+                                       skip_bad_images=skip_bad_images, progress=progress)))
 
 
 @app.command()

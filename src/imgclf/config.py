@@ -46,6 +46,10 @@ class TrainConfig:
     test_split: float = 0.0             # fraction held out for test when the data has no test/ folder
     skip_bad_images: bool = False       # skip (and list) unreadable images instead of stopping
     fraction: float = 1.0               # train on this fraction of the training images (stratified, seeded)
+    exclude: str | None = None          # a CSV of images to leave out (doctor.csv: the rows whose action is
+                                        # exclude; a list without an action column: every row)
+    relabel: str | None = None          # a CSV of images to move to another class (doctor.csv: the rows whose
+                                        # action is relabel, to the class in their suggested column)
     data_in_memory: str = "auto"        # yes: load the decoded images into memory; no: stream each batch from
                                         # the memory-mapped cache; auto: in memory when they take under half
                                         # the memory available (and streamed under torchrun: one copy a machine)
@@ -62,6 +66,8 @@ class TrainConfig:
     freeze_epochs: int | None = None    # train only the head for this many epochs first (fastai's fine_tune)
     backbone_lr_mult: float = 0.1       # backbone lr = lr x this when fine-tuning a pretrained/initialised model
     freeze_blocks: int | None = None    # fine-tuning: the stem and first N blocks keep their weights (no backward)
+    freeze_bn: bool | None = None       # fine-tuning: BatchNorm keeps the loaded statistics (inference mode); false:
+                                        # re-estimated as it trains (imgclf prune); None: true when fine-tuning
     # --- optimisation
     epochs: int | None = None           # number of epochs
     batch_size: int | None = None       # training batch size

@@ -243,8 +243,8 @@ class BaseClassifier:
     def explain(self, images: list[Any] | Any, target: Any = None, batch_size: int = 32) -> list:
         """Heat maps need the model's gradients, which only a PyTorch model has
         (:meth:`imgclf.classifier.Classifier.explain`); another backend refuses."""
-        raise ImgclfError(f"{self.path or 'this model'} cannot explain its answers: an ONNX model has no "
-                          "gradients; pass the run folder or its .safetensors checkpoint instead")
+        raise ImgclfError(f"{self.path or 'this model'} cannot explain its answers: an exported model (.onnx, "
+                          ".tflite) has no gradients; pass the run folder or its .safetensors checkpoint instead")
 
     def rank(self, probs: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """(N, num_classes) probabilities -> per image the top-k (class name, probability), best first."""

@@ -74,8 +74,8 @@ def test_parity_failure_exits_nonzero(tiny_run, tmp_path, capsys, monkeypatch):
 def test_export_errors(tiny_run, tiny_onnx, tmp_path):
     _, out = tiny_onnx
     with pytest.raises(ImgclfError, match="format"):
-        export(tiny_run.run_dir, "tflite", progress=False)
-    with pytest.raises(ImgclfError, match="not an ONNX file"):
+        export(tiny_run.run_dir, "coreml", progress=False)
+    with pytest.raises(ImgclfError, match="not an exported model"):
         export(out, progress=False)
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ImgclfError, match="junk.onnx"):

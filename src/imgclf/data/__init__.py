@@ -7,7 +7,7 @@ decoded, cached and handed to training as uint8 arrays.
 Modules: dataset (load_dataset, the entry point), images (the one image loader, also used at predict
 time), builtin + download (named datasets), cifar (the official CIFAR-10 batches), folder + archives
 (image folders and archives of them), decode (parallel decoding), cache (decoded arrays on disk),
-split (stratified val/test carving).
+split (stratified val/test carving), edits (images excluded or relabelled by a person, e.g. from doctor.csv).
 """
 from .builtin import BUILTINS, BuiltinDataset, RemoteFile, list_datasets
 from .dataset import Dataset, Split, load_dataset

@@ -6,7 +6,8 @@
 
 The key covers the source's identity and state (path, size and mtime of every file) and every option that
 changes the pixels, so an edited dataset is decoded again. An entry holds one pool of images in fixed-size
-shards (shards.py) and, per split, the positions of its images in the pool and their labels. A parser
+shards (shards.py) and, per split, the positions of its images in the pool, their labels and, where the
+images are files, their names (relative paths or archive member names, for `--exclude` and `doctor`). A parser
 writes the pool as it decodes, in a temporary folder; meta.json, written last with every file's size and
 sha256, marks the entry complete, and the folder is renamed into place: a crash or a full disk mid-write
 leaves no entry that would be trusted. Loading maps the shards (nothing is read until used) and checks each
@@ -32,8 +33,8 @@ from .decoded import Decoded
 from .notify import note, warn
 from .shards import ImageRows, ShardWriter, open_shards, sha256_file, write_npy
 
-# Bump when the decoding or the file format changes, so old entries are not reused.
-CACHE_VERSION = 2
+# Bump when the decoding or the file format changes, so old entries are not reused (3: image names stored).
+CACHE_VERSION = 3
 STALE_TMP_S = 24 * 3600  # a temporary folder this old belongs to a crashed run
 
 
@@ -94,7 +95,13 @@ def load(key: str) -> Decoded | None:
             if y.dtype != np.int64 or y.shape != (n,) or (n and not 0 <= y.min() <= y.max() < n_classes):
                 raise ValueError(f"{split}_y.npy does not hold {n} labels in 0..{n_classes - 1}")
             splits[split] = (pool.select(index), y)
-        return Decoded(meta["classes"], channels, size, splits, skipped=meta["skipped"])
+        names = {}
+        for split in meta["names"]:  # mapped: nothing is read unless a caller asks for the names
+            mode = "r" if meta["splits"][split] else None  # an empty file cannot be mapped
+            names[split] = np.load(folder / f"{split}_names.npy", mmap_mode=mode, allow_pickle=False)
+            if names[split].dtype.kind != "S" or names[split].shape != (meta["splits"][split],):
+                raise ValueError(f"{split}_names.npy does not hold {meta['splits'][split]} names")
+        return Decoded(meta["classes"], channels, size, splits, skipped=meta["skipped"], names=names or None)
     except Exception as e:  # noqa: BLE001 -- any damage at all means: decode again (never crash on a cache)
         note(f"cache entry {folder} is damaged ({type(e).__name__}: {e}); decoding again")
         shutil.rmtree(folder, ignore_errors=True)
@@ -135,7 +142,8 @@ def in_memory(decoded: Decoded) -> Decoded:
     else:
         pool = decoded.pool.rows()
         splits = {s: (pool.select(index), y) for s, (index, y) in decoded.splits.items()}
-    return Decoded(decoded.classes, decoded.channels, decoded.image_size, splits, skipped=decoded.skipped)
+    return Decoded(decoded.classes, decoded.channels, decoded.image_size, splits, skipped=decoded.skipped,
+                   names=decoded.names)
 
 
 def _publish(tmp: Path, decoded: Decoded, final: Path) -> None:
@@ -151,11 +159,16 @@ def _publish(tmp: Path, decoded: Decoded, final: Path) -> None:
     for split, (index, y) in splits.items():
         files.append(write_npy(tmp / f"{split}_index.npy", np.asarray(index, np.int64)))
         files.append(write_npy(tmp / f"{split}_y.npy", np.asarray(y, np.int64)))
+    names = decoded.names or {}
+    for split, split_names in names.items():
+        encoded = [str(n).encode("utf-8", "surrogateescape") for n in split_names]
+        files.append(write_npy(tmp / f"{split}_names.npy", np.array(encoded, dtype=bytes) if encoded
+                               else np.zeros(0, "S1")))
     for rec in files:
         rec["mtime_ns"] = (tmp / rec["file"]).stat().st_mtime_ns
     meta = {"version": CACHE_VERSION, "classes": decoded.classes, "channels": decoded.channels,
             "image_size": decoded.image_size, "splits": {s: len(y) for s, (_, y) in splits.items()},
-            "skipped": decoded.skipped, "shards": pool.records, "files": files}
+            "skipped": decoded.skipped, "names": sorted(names), "shards": pool.records, "files": files}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")  # last: marks it complete
     if final.exists():
         shutil.rmtree(final)  # a damaged entry that load() could not remove

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from .archives import ARCHIVE_SUFFIXES, archive_stem, is_archive
 from .builtin import BUILTINS, builtin_source
 from .cifar import is_cifar10, is_cifar100, load_cifar10, load_cifar100
 from .decoded import Decoded
+from .edits import apply_edits
 from .folder import LAYOUT_HELP, load_folder
 from .idx import is_idx_folder, load_idx_folder
 from .notify import note
@@ -56,11 +57,13 @@ class Dataset:
     val: Split | None = None       # from val/<class>/ or carved from train by val_split; None otherwise
     val_origin: str = "none"       # "val-folder" | "val-split" | "none"
     skipped: list[str] = field(default_factory=list)  # bad files skipped with skip_bad_images=True
+    edits: dict[str, int] = field(default_factory=dict)  # {"excluded": n, "relabelled": n} (see edits.py)
 
 
 def load_dataset(data: str = "cifar10", *, image_size: int | None = None, val_split: float = 0.0,
                  test_split: float = 0.0, seed: int = 0, skip_bad_images: bool = False,
-                 download: bool = True, progress: bool = True, channels: int | None = None) -> Dataset:
+                 download: bool = True, progress: bool = True, channels: int | None = None,
+                 exclude: Collection[str] = (), relabel: Mapping[str, str] | None = None) -> Dataset:
     """Load, decode (or fetch from the cache) and split a dataset.
 
     image_size: square side to resize to; None keeps the native size when every image has one square size,
@@ -71,12 +74,28 @@ def load_dataset(data: str = "cifar10", *, image_size: int | None = None, val_sp
     download: allow downloading a built-in dataset that is not cached yet.
     progress: tqdm bars on stderr for download and decoding.
     channels: force 1 or 3; None: 1 if every image is greyscale, else 3.
+    exclude / relabel: images left out, and images moved to another class ({name: class}), named as
+        ``imgclf doctor`` names them (see edits.py); applied before the val/test fractions.
 
     Decoded arrays are cached under ``imgclf_home()/"cache"`` (``$IMGCLF_HOME``, default ~/.cache/imgclf),
     downloads under ``imgclf_home()/"datasets"``. Unusable input raises ImgclfError.
     """
-    image_size = _check_options(image_size=image_size, val_split=val_split, test_split=test_split,
-                                channels=channels)
+    _check_options(image_size=image_size, val_split=val_split, test_split=test_split, channels=channels)
+    name, source, decoded = load_decoded(data, image_size=image_size, channels=channels,
+                                         skip_bad_images=skip_bad_images, download=download, progress=progress)
+    decoded, edits = apply_edits(decoded, exclude, relabel or {}, where=str(source))
+    ds = _make_dataset(decoded, name=name, source=source, val_split=val_split, test_split=test_split, seed=seed)
+    ds.edits = edits
+    return ds
+
+
+def load_decoded(data: str = "cifar10", *, image_size: int | None = None, channels: int | None = None,
+                 skip_bad_images: bool = False, download: bool = True, progress: bool = True
+                 ) -> tuple[str, Path, Decoded]:
+    """The stored splits of ``data`` as decoded (from the cache when it has them), before any split fraction:
+    -> (dataset name, absolute source path, Decoded with the images' names). load_dataset's first step, and
+    what ``imgclf doctor`` looks at: every image once, named."""
+    image_size = _check_options(image_size=image_size, val_split=0.0, test_split=0.0, channels=channels)
     name, source, parser, kind = _resolve(data, download=download, progress=progress)
     key = cache.cache_key(source, parser=kind, image_size=image_size, channels=channels,
                           skip_bad_images=skip_bad_images)
@@ -86,8 +105,7 @@ def load_dataset(data: str = "cifar10", *, image_size: int | None = None, val_sp
         decoded = cache.decode(key, lambda store: parser(
             source, image_size=image_size, channels=channels, skip_bad_images=skip_bad_images, progress=progress,
             store=store))
-    return _make_dataset(decoded, name=name, source=source, val_split=val_split, test_split=test_split,
-                         seed=seed)
+    return name, source, decoded
 
 
 def _check_options(*, image_size, val_split, test_split, channels) -> int | None:

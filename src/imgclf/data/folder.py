@@ -112,7 +112,8 @@ def decode_images(where: Path, store, images: Iterable[tuple[str, str, str | byt
     layout, skipped = _drop_bad(layout, bad, where, skip_bad_images=skip_bad_images)
     splits = {split: (np.array([positions[rel] for rel, _ in items], dtype=np.int64),
                       np.array([y for _, y in items], dtype=np.int64)) for split, items in layout.splits.items()}
-    return Decoded(layout.classes, n_channels, size, splits, skipped=skipped, pool=done.writer)
+    names = {split: [rel for rel, _ in items] for split, items in layout.splits.items()}
+    return Decoded(layout.classes, n_channels, size, splits, skipped=skipped, pool=done.writer, names=names)
 
 
 class _Pass:

@@ -23,12 +23,13 @@ def load_run_data(clf: Any, data: str | None, *, progress: bool):
     if not rec.get("source"):
         raise ImgclfError("this checkpoint does not record its data; pass --data")
     # a built-in dataset is found again by its name, anything else by its path; asked for as training asked
-    # (e.g. native size, image_size None), the decoded arrays come from training's cache entry
+    # (e.g. native size, image_size None), the decoded arrays come from training's cache entry; the images it
+    # excluded or relabelled (--exclude, --relabel) are recorded as lists, so an edited CSV changes nothing here
     def load(image_size, channels):
         return load_dataset(rec.get("builtin") or rec["source"], image_size=image_size, channels=channels,
                             val_split=rec.get("val_split", 0.0), test_split=rec.get("test_split", 0.0),
                             seed=rec.get("seed", 0), skip_bad_images=rec.get("skip_bad_images", False),
-                            progress=progress)
+                            exclude=rec.get("exclude", ()), relabel=rec.get("relabel"), progress=progress)
 
     if "image_size" in rec:
         ds = load(rec["image_size"], rec.get("channels"))

@@ -36,7 +36,9 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     val = [r["val_acc"] for r in history if not math.isnan(r["val_acc"])]
     return {
         "name": run_dir.name, "path": str(run_dir), "status": info.get("status"), "model": model,
-        "params": _params(model, info.get("data", {})), "data": info.get("data", {}).get("name"),
+        # a pruned run's layers are narrower than its model's registry entry: its own count is in run.json
+        "params": (info.get("pruning") or {}).get("params_after") or _params(model, info.get("data", {})),
+        "data": info.get("data", {}).get("name"),
         "epochs": len(history), "train_seconds": round(sum(r["seconds"] for r in history), 1),
         "best_epoch": best, "validated_on": _val_label(info),
         "best_val_acc": max(val) if val else None, "final_val_acc": val[-1] if val else None,

@@ -68,6 +68,12 @@ class ImageClassifier(nn.Module):
         Default: None, the model cannot explain its answers."""
         return None
 
+    def pruning_exempt(self) -> dict[str, str]:
+        """Layers, by module name, whose output channels structured pruning (``imgclf prune``) keeps, each with
+        why. Default: the head's linear layers, whose outputs are the classes."""
+        head = {id(m) for m in self.get_classifier().modules() if isinstance(m, nn.Linear)}
+        return {name: "its outputs are the classes" for name, m in self.named_modules() if id(m) in head}
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 

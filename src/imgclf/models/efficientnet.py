@@ -127,7 +127,7 @@ class EfficientNetLite(ImageClassifier):
     def new_head(self, num_classes: int) -> nn.Module:
         head = nn.Sequential()
         head.add_module("drop", nn.Dropout(self.dropout))
-        head.add_module("fc", nn.Linear(_HEAD, num_classes))
+        head.add_module("fc", nn.Linear(self.num_features, num_classes))
         nn.init.normal_(head.fc.weight, std=0.01)
         nn.init.zeros_(head.fc.bias)
         return head

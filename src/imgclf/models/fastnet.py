@@ -106,6 +106,11 @@ class FastNet(ImageClassifier):
         """What trains only in the first ``stem_bias_epochs`` epochs (see the optimizer setup in train.py)."""
         return [self.whiten.bias]
 
+    def pruning_exempt(self) -> dict[str, str]:
+        # Its filters are fixed eigenvectors of the data, scaled by 1/sqrt(eigenvalue): their norms measure the
+        # data's rarest directions, not their use, and the layer is 0.2 % of the arithmetic.
+        return {**super().pruning_exempt(), "whiten": "its filters are the data's whitening eigenvectors"}
+
     def cam_layer(self) -> nn.Module:
         return self.blocks[-4]  # the second conv group, before the last group's 2x2 max-pool
 

@@ -57,7 +57,7 @@ class SeedCNN(ImageClassifier):
 
     def new_head(self, num_classes: int) -> nn.Module:
         # Dropout belongs to the head: a fine-tuner replacing the head gets the seeds' regularisation with it.
-        head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(_DENSE, num_classes))
+        head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.num_features, num_classes))
         _keras_init(head)
         return head
 

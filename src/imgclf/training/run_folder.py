@@ -133,7 +133,7 @@ def write_run_json(path: Path, setup, status: str, processes: int, notes: list[s
         "data": {"source": ds.source, "name": ds.name, "classes": ds.classes, "channels": ds.channels,
                  "image_size": ds.image_size, "train": len(ds.train.y), "val": split_size(ds.val),
                  "test": split_size(ds.test),
-                 "val_origin": ds.val_origin, "skipped": ds.skipped},
+                 "val_origin": ds.val_origin, "skipped": ds.skipped, **ds.edits},
         "notes": notes,
         **extra,
     }

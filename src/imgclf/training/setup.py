@@ -21,6 +21,7 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..config import TrainConfig, progressive_sizes
 from ..data import Dataset, Preprocess, Split, load_dataset
 from ..data.dataset import split_size
+from ..data.edits import read_edits
 from ..data.notify import quiet_notes
 from ..data.probe import probe_images
 from ..data.shards import ImageRows, select
@@ -28,7 +29,7 @@ from ..data.split import stratified_split
 from ..data.tensors import Normalizer, channel_stats, to_device
 from ..errors import ImgclfError
 from ..inference import tta_views
-from ..models import create_model, model_info
+from ..models import create_model, create_model_for, model_info
 from ..models._base import ImageClassifier
 from ..models.fastnet import VARIANTS as FASTNET_VARIANTS
 from ..recipes import resolve
@@ -56,7 +57,8 @@ class Setup:
     batches: InMemoryBatches | StreamedBatches  # the training images and how a batch of them is made
     # val images (on the device, or ImageRows when streamed), labels on the CPU
     val_tensors: tuple[torch.Tensor | ImageRows, torch.Tensor] | None
-    fine_tuning: bool                     # from pretrained weights or --init-from: BatchNorm statistics stay
+    fine_tuning: bool                     # from pretrained weights or --init-from: BatchNorm statistics stay (unless
+                                          # freeze_bn is false), the backbone learns at backbone_lr_mult x lr
     start: str                            # "from scratch", "ImageNet-pretrained", "initialised from ..."
     decode_args: dict                     # how the data was asked for: evaluate/export ask the same way
     budget_end_seconds: float | None      # with --time-budget: what the final evaluation and files need
@@ -98,11 +100,12 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
     if fixed is not None:  # the checkpoint fixes what its first layers expect
         image_size = image_size or fixed.meta["preprocess"]["image_size"]
         channels = fixed.meta["preprocess"]["channels"]
+    edits = _data_edits(cfg, resume)
     with world.local_main_first():  # several processes: one decodes into the cache, the rest load it
         ds = load_dataset(cfg.data, image_size=image_size, channels=channels, val_split=cfg.val_split,
                           test_split=cfg.test_split, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
-                          progress=progress)
-        big = _photo_margin(cfg, ds, progress, notes)
+                          progress=progress, **edits)
+        big = _photo_margin(cfg, ds, progress, notes, edits)
     if cfg.fraction < 1.0:
         _, keep = stratified_split(ds.train.y, cfg.fraction, np.random.default_rng(cfg.seed))
         ds.train = Split(select(ds.train.x, keep), ds.train.y[keep])
@@ -111,6 +114,9 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
     notes += _imbalance_notes(cfg, ds.train.y, ds.classes)
     if ds.skipped:
         notes.append(f"skipped {len(ds.skipped)} unreadable image(s); listed in run.json")
+    if any(ds.edits.values()):
+        notes.append(f"left out {ds.edits['excluded']:,} image(s) (--exclude) and moved {ds.edits['relabelled']:,} "
+                     "to another class (--relabel); the lists are recorded in the checkpoints")
     val, val_name = _choose_validation(ds, notes, keeps_last=cfg.val_every == 0)
     budget_end, plan = None, None
     if cfg.recipe == "photo" and resume is None:  # rank 0 plans, every process follows
@@ -154,13 +160,15 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
         _freeze_blocks(model, cfg.freeze_blocks, fine_tuning, notes)
     if fine_tuning and any(isinstance(m, _BatchNorm) for m in model.modules()):
         notes.append("fine-tuning: BatchNorm keeps the pretrained statistics (inference mode; its scale "
-                     "and shift still learn), as Keras's fine-tuning guide does")
+                     "and shift still learn), as Keras's fine-tuning guide does" if cfg.freeze_bn is not False else
+                     "fine-tuning: BatchNorm statistics are re-estimated as it trains (freeze_bn false)")
     start = ("ImageNet-pretrained" if pretrained else
              f"initialised from {cfg.init_from}" if init is not None else "from scratch")
     return Setup(cfg=cfg, device=device, ds=ds, val=val, val_name=val_name, model=model, preprocess=preprocess,
                  normalizer=normalizer, autocast_dtype=dtype, batches=batches, val_tensors=val_tensors,
                  fine_tuning=fine_tuning, start=start,
-                 decode_args={"image_size": image_size, "channels": channels}, budget_end_seconds=budget_end,
+                 decode_args={"image_size": image_size, "channels": channels, **{k: v for k, v in edits.items() if v}},
+                 budget_end_seconds=budget_end,
                  resume=resume, plan=plan, notes=tuple(notes))
 
 
@@ -194,9 +202,9 @@ def _build_model(cfg: TrainConfig, ds: Dataset, init, resume, notes: list[str]) 
     `last`, so nothing is downloaded or loaded twice."""
     k = len(ds.classes)
     if resume is not None:
-        return create_model(**resume.meta["arch"])
+        return create_model_for(resume.meta["arch"], _shapes(resume))
     if init is not None:
-        model = create_model(**init.meta["arch"])
+        model = create_model_for(init.meta["arch"], _shapes(init))  # a pruned one: its narrower layers
         model.load_state_dict(init.state_dict)
         if list(init.meta["classes"]) != ds.classes:
             model.reset_classifier(k)
@@ -208,6 +216,10 @@ def _build_model(cfg: TrainConfig, ds: Dataset, init, resume, notes: list[str]) 
                          pretrained=pretrained)
     notes += model.pretrained_notes
     return model
+
+
+def _shapes(ckpt: Checkpoint) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in ckpt.state_dict.items()}
 
 
 def _plan_photos(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val, device: torch.device,
@@ -264,7 +276,18 @@ def _choose_preprocess(ds: Dataset, model: ImageClassifier, init, resume) -> Pre
 PHOTO_MARGIN = 8 / 7
 
 
-def _photo_margin(cfg: TrainConfig, ds: Dataset, progress: bool, notes: list[str]) -> ImageRows | None:
+def _data_edits(cfg: TrainConfig, resume: Checkpoint | None) -> dict:
+    """The images to leave out and to relabel: from the --exclude / --relabel CSVs, or, on a resume, the lists
+    the run started with (recorded in its checkpoint), so an edited CSV never changes a run halfway."""
+    if resume is not None:
+        rec = resume.meta.get("data", {})
+        return {"exclude": list(rec.get("exclude", [])), "relabel": dict(rec.get("relabel", {}))}
+    return {"exclude": read_edits(cfg.exclude, "exclude") if cfg.exclude else [],
+            "relabel": read_edits(cfg.relabel, "relabel") if cfg.relabel else {}}
+
+
+def _photo_margin(cfg: TrainConfig, ds: Dataset, progress: bool, notes: list[str], edits: dict
+                  ) -> ImageRows | None:
     """With the photo augmentation, on photos at least that large: the training images again, decoded
     PHOTO_MARGIN larger (their own cache entry, split by the same seed), aligned with ``ds.train``; the
     random-resized crops are taken from them. None otherwise."""
@@ -274,7 +297,7 @@ def _photo_margin(cfg: TrainConfig, ds: Dataset, progress: bool, notes: list[str
     with quiet_notes():  # the first load said it all
         big = load_dataset(cfg.data, image_size=side, channels=ds.channels, val_split=cfg.val_split,
                            test_split=cfg.test_split, seed=cfg.seed, skip_bad_images=cfg.skip_bad_images,
-                           progress=progress)
+                           progress=progress, **edits)
     if len(big.train.y) != len(ds.train.y) or (big.train.y != ds.train.y).any():  # a file changed in between
         notes.append(f"photos: the training images at {side}px do not line up with those at {ds.image_size}px; "
                      "cropping from the latter")

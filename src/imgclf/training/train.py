@@ -13,6 +13,7 @@ an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,12 +38,15 @@ from .tracking import trackers
 
 # Settings a resumed run may change; everything else must match the run's config to resume exactly.
 RESUMABLE_OVERRIDES = {"epochs", "device", "eval_batch_size", "patience", "data_in_memory"}
+# run.json records that the command which started a run added (run_info), kept when it resumes
+CARRIED_RUN_INFO = ("pruning",)
 
 __all__ = ["train", "Trainer", "TrainResult", "Callback"]
 
 
 def train(config: str | Path | None = None, *, resume: str | Path | None = None, callbacks: list[Callback] = (),
           progress: bool = True, started: float | None = None, dry_run: bool = False,
+          run_dir: str | Path | None = None, run_info: dict[str, Any] | None = None,
           **overrides: Any) -> TrainResult:
     """Train from a config file and/or keyword settings (the fields of :class:`TrainConfig`), or resume.
     ``dry_run``: print the plan (data, model, settings) and the expected duration from a few timed steps, then
@@ -51,7 +55,8 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
     With ``resume=RUN_FOLDER`` the run's own ``config.toml`` is used; only ``epochs`` (to train longer),
     ``device``, ``eval_batch_size``, ``patience`` and ``data_in_memory`` may be changed. ``time_budget`` counts
     from ``started`` (a ``time.monotonic()`` value; default: this call; the ``imgclf`` command passes its
-    process start)."""
+    process start). ``run_dir``: an empty folder made for this run (by ``new_run_dir``; ``imgclf prune`` puts the
+    pruned weights there first) instead of a new ``project/name``; ``run_info``: more keys for run.json."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.toml").is_file():
@@ -65,10 +70,11 @@ def train(config: str | Path | None = None, *, resume: str | Path | None = None,
         cfg = TrainConfig.from_sources(run_dir / "config.toml", overrides)
         with distributed.process_group(cfg.device):  # several processes when torchrun started them
             return Trainer(cfg, callbacks=callbacks, progress=progress, resume_dir=run_dir, started=started,
-                           dry_run=dry_run).run()
+                           dry_run=dry_run, run_info=_carried_run_info(run_dir)).run()
     cfg = TrainConfig.from_sources(config, overrides)
     with distributed.process_group(cfg.device):  # several processes when torchrun started them
-        return Trainer(cfg, callbacks=callbacks, progress=progress, started=started, dry_run=dry_run).run()
+        return Trainer(cfg, callbacks=callbacks, progress=progress, started=started, dry_run=dry_run,
+                       run_dir=Path(run_dir) if run_dir is not None else None, run_info=run_info).run()
 
 
 class Trainer:
@@ -80,8 +86,10 @@ class Trainer:
     run_dir: Path
 
     def __init__(self, cfg: TrainConfig, callbacks: list[Callback] = (), progress: bool = True,
-                 resume_dir: Path | None = None, started: float | None = None, dry_run: bool = False):
+                 resume_dir: Path | None = None, started: float | None = None, dry_run: bool = False,
+                 run_dir: Path | None = None, run_info: dict[str, Any] | None = None):
         self.user_cfg = cfg
+        self.given_run_dir, self.run_info = run_dir, dict(run_info or {})
         self.dry_run = dry_run
         self.user_callbacks = list(callbacks)
         self.world = distributed.current()  # rank 0 of 1 unless torchrun started several processes
@@ -135,7 +143,7 @@ class Trainer:
         if self.dry_run:
             return self._dry_run()
         # rank 0 picks (and creates) the run folder; the other processes are told its name
-        self.run_dir = self.resume_dir or self.world.from_main(
+        self.run_dir = self.resume_dir or self.given_run_dir or self.world.from_main(
             lambda: new_run_dir(Path(cfg.project), cfg.name or f"{s.ds.name}-{cfg.model}"))
         if self.resume_dir is None and self.world.is_main:
             self._locks.enter_context(RunLock(self.run_dir))
@@ -149,7 +157,7 @@ class Trainer:
             Checkpointing(), EarlyStopping(cfg.patience, cfg.monitor),
             *([TimeBudget(cfg.time_budget, s.budget_end_seconds, self.started)]
               if s.budget_end_seconds is not None else []),
-            Eta(), *([FrozenBatchNorm()] if s.fine_tuning else []), *tracking,
+            Eta(), *([FrozenBatchNorm()] if s.fine_tuning and cfg.freeze_bn is not False else []), *tracking,
             StopOnSigint(), *self.user_callbacks]
         self._unended = list(self.callbacks)
         return finish(self, fit(self))
@@ -219,7 +227,8 @@ class Trainer:
 
     def write_run_json(self, status: str, **extra: Any) -> None:
         if self.world.is_main:
-            write_run_json(self.run_dir / "run.json", self.setup, status, self.world.size, self.notes, **extra)
+            write_run_json(self.run_dir / "run.json", self.setup, status, self.world.size, self.notes,
+                           **{**self.run_info, **extra})
 
 
 def _load_last(run_dir: Path, log) -> Checkpoint | None:
@@ -235,6 +244,14 @@ def _load_last(run_dir: Path, log) -> Checkpoint | None:
         offer = (f"; its best weights are intact: start a new run from them with `imgclf train --config "
                  f"{run_dir / 'config.toml'} --init-from {best}`" if _readable(best) else "; start the run again")
         raise ImgclfError(f"cannot resume {run_dir}: {e}{offer}") from None
+
+
+def _carried_run_info(run_dir: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):  # no run.json yet, or a damaged one: nothing to carry
+        return {}
+    return {k: info[k] for k in CARRIED_RUN_INFO if isinstance(info, dict) and k in info}
 
 
 def _readable(path: Path) -> bool:

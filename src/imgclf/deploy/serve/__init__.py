@@ -181,11 +181,11 @@ _LIBC = None
 
 def model_info(clf: BaseClassifier) -> dict[str, Any]:
     meta, spec = clf.meta, clf.preprocess
-    onnx_meta = meta.get("onnx") or {}
+    fmt = next((k for k in ("onnx", "tflite") if meta.get(k)), "checkpoint")
     return {
         "arch": meta.get("arch", {}).get("name"),
-        "format": "onnx" if onnx_meta else "checkpoint",
-        "precision": onnx_meta.get("precision", "fp32"),
+        "format": fmt,
+        "precision": (meta.get(fmt) or {}).get("precision", "fp32"),
         "path": str(clf.path) if clf.path else None,
         "classes": clf.classes,
         "input": {"image_size": spec.image_size, "channels": spec.channels, "mean": list(spec.mean),
