@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..classifier import Classifier, load
+from ..classifier import Classifier
 from ..data.images import Preprocess
 from ..data.tensors import Normalizer
 from ..errors import ImgclfError
@@ -41,6 +41,7 @@ from .parity import (
     calibration_images,
     check_set,
     compare,
+    export_paths,
     throughput,
 )
 
@@ -139,17 +140,7 @@ def export(checkpoint: str | Path, format: str = "onnx", *, int8: bool = False, 
     if format != "onnx":
         raise ImgclfError(f"unknown export format {format!r}: onnx or tflite")
     max_int8_drop = MAX_INT8_DROP if max_int8_drop is None else max_int8_drop
-    clf = load(checkpoint, device="cpu")
-    if not isinstance(clf, Classifier):
-        raise ImgclfError(f"{checkpoint}: export needs a run folder or .safetensors checkpoint, not an exported model")
-    src = Path(clf.path)
-    out = Path(out) if out else src.with_suffix(".int8.onnx" if int8 else ".onnx")
-    if out.suffix != ".onnx":
-        raise ImgclfError(f"--out {out}: name the file *.onnx")
-    fp32_out = out
-    if int8:
-        fp32_out = out.with_name(out.name[:-len(".int8.onnx")] + ".onnx") if out.name.endswith(".int8.onnx") \
-            else out.with_suffix(".fp32.onnx")
+    clf, src, out, fp32_out = export_paths(checkpoint, out, int8, ".onnx")
 
     x, y, source, ds = check_set(clf, data, check_images, progress)  # the run's test split unless data is given
     ref = clf.logits(x)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..classifier import Classifier, load
 from ..data.run_data import load_run_data, remap_labels
 from ..data.tensors import to_tensor
 from ..errors import ImgclfError
@@ -192,3 +193,20 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def export_paths(checkpoint, out, int8: bool, ext: str):
+    """The checkpoint to export as a Classifier, its path, the file to write and the fp32 file beside an int8 one
+    (``x.int8.onnx`` -> ``x.onnx``), for files ending in ``ext`` (".onnx", ".tflite")."""
+    clf = load(checkpoint, device="cpu")
+    if not isinstance(clf, Classifier):
+        raise ImgclfError(f"{checkpoint}: export needs a run folder or .safetensors checkpoint, not an exported model")
+    src = Path(clf.path)
+    out = Path(out) if out else src.with_suffix((".int8" if int8 else "") + ext)
+    if out.suffix != ext:
+        raise ImgclfError(f"--out {out}: name the file *{ext}")
+    fp32_out = out
+    if int8:
+        fp32_out = out.with_name(out.name[:-len(".int8" + ext)] + ext) if out.name.endswith(".int8" + ext) \
+            else out.with_suffix(".fp32" + ext)
+    return clf, src, out, fp32_out

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..classifier import Classifier, load
+from ..classifier import Classifier
 from ..data.images import Preprocess
 from ..data.tensors import Normalizer
 from ..errors import ImgclfError
@@ -41,6 +41,7 @@ from .parity import (
     calibration_images,
     check_set,
     compare,
+    export_paths,
     throughput,
 )
 
@@ -149,17 +150,7 @@ def export_tflite(checkpoint: str | Path, *, int8: bool = False, out: str | Path
     for ONNX: raises :class:`ParityError` when fp32 agrees on fewer than ``min_agreement`` of the top-1
     classes or int8 loses more than ``max_int8_drop`` accuracy (0.01 = 1 point). Speed: images/s at batch 1,
     and at batch 64 where the interpreter can resize the file to it."""
-    clf = load(checkpoint, device="cpu")
-    if not isinstance(clf, Classifier):
-        raise ImgclfError(f"{checkpoint}: export needs a run folder or .safetensors checkpoint, not an exported model")
-    src = Path(clf.path)
-    out = Path(out) if out else src.with_suffix(".int8.tflite" if int8 else ".tflite")
-    if out.suffix != ".tflite":
-        raise ImgclfError(f"--out {out}: name the file *.tflite")
-    fp32_out = out
-    if int8:
-        fp32_out = out.with_name(out.name[:-len(".int8.tflite")] + ".tflite") if out.name.endswith(".int8.tflite") \
-            else out.with_suffix(".fp32.tflite")
+    clf, src, out, fp32_out = export_paths(checkpoint, out, int8, ".tflite")
 
     x, y, source, ds = check_set(clf, data, check_images, progress)
     calib = calibration_images(clf, ds, data, calib_data, calib_images, progress) if int8 else None
