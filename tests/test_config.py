@@ -80,6 +80,10 @@ def test_photo_recipe_for_large_images():
     assert {resolve(TrainConfig(data="photos"), probe=ImageProbe(n))[0].image_size for n in (143, 150)} == {144}
     mine, _ = resolve(TrainConfig(data="photos", model="seed-cnn"), probe=ImageProbe(375))
     assert mine.model == "seed-cnn" and mine.pretrained is None and mine.freeze_blocks is None
+    # from scratch: no head-only epoch; one input size (flatten -> dense): no progressive resizing
+    assert (mine.freeze_epochs, mine.progressive) == (0, "none")
+    fast, _ = resolve(TrainConfig(data="photos", model="fastnet"), probe=ImageProbe(375))
+    assert (fast.freeze_epochs, fast.progressive) == (0, "0.8:0.8")  # any size: the recipe's crops stay
     larger, _ = resolve(TrainConfig(data="photos", model="efficientnet-lite2"), probe=ImageProbe(375))
     assert (larger.pretrained, larger.freeze_blocks) == ("imagenet", 5)  # it has ImageNet weights too
     scratch, _ = resolve(TrainConfig(data="photos", pretrained="none"), probe=ImageProbe(375))

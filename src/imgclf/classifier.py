@@ -1,6 +1,6 @@
 """Load a trained model and predict classes for any image.
 
-    clf = imgclf.load("runs/cifar10-seed-cnn")         # a run folder, a .safetensors checkpoint, .onnx or .tflite
+    clf = imgclf.load("runs/cifar10-seed-cnn")         # a run folder, a .safetensors checkpoint, .onnx, .ort or .tflite
     clf.predict(["cat.jpg", "dog.png"], top_k=3)        # -> [Prediction(source, top=[(class, prob), ...])]
     clf.explain("cat.jpg")[0].overlay().save("why.png")  # a heat map: where the model looked
 
@@ -24,7 +24,7 @@ from .errors import ImgclfError
 from .explain import Explanation, explain_arrays
 from .inference import BaseClassifier, _describe, predict_logits
 from .models import create_model_for
-from .onnx_runtime import load_onnx
+from .onnx_runtime import is_onnx_runtime_file, load_onnx
 from .tflite_runtime import load_tflite
 from .utils import natural_key, resolve_device
 
@@ -72,12 +72,13 @@ class Classifier(BaseClassifier):
 
 def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> BaseClassifier:
     """Load a run folder or checkpoint as a :class:`Classifier` (no pickle involved), or an ``.onnx``
-    file written by ``imgclf export`` as an :class:`~imgclf.onnx_runtime.OnnxClassifier` (ONNX Runtime), or a
+    (or ``.ort``) file written by ``imgclf export`` as an :class:`~imgclf.onnx_runtime.OnnxClassifier` (ONNX
+    Runtime), or a
     ``.tflite`` one as a :class:`~imgclf.tflite_runtime.TfliteClassifier` (LiteRT).
     An already loaded classifier is returned as it is."""
     if isinstance(path, BaseClassifier):
         return path
-    if str(path).lower().endswith(".onnx"):
+    if is_onnx_runtime_file(path):
         return load_onnx(path, device=device)
     if str(path).lower().endswith(".tflite"):
         return load_tflite(path, device=device)

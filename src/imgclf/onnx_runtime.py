@@ -77,7 +77,8 @@ class OnnxClassifier(BaseClassifier):
 
 
 def load_onnx(path: str | Path, device: str = "auto", threads: int = 0, spin: bool = True) -> OnnxClassifier:
-    """Open an ``.onnx`` file written by ``imgclf export``; classes and preprocessing come from its metadata.
+    """Open an ``.onnx`` (or ``.ort``) file written by ``imgclf export``; classes and preprocessing come from its
+    metadata.
     ORT's CPU provider is used (CUDA when asked for and installed). ``threads``: cores to use (0 = all).
     Batches of at least ``2 * MIN_SLICE`` images run as one slice per core on a single-threaded session,
     smaller ones on a session whose operators ORT splits over the cores.
@@ -87,7 +88,7 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int = 0, spin: bo
 
     path = Path(path)
     if not path.is_file():
-        raise ImgclfError(f"{path}: file not found; pass an .onnx file written by `imgclf export`")
+        raise ImgclfError(f"{path}: file not found; pass an .onnx or .ort file written by `imgclf export`")
     providers = ["CPUExecutionProvider"]
     if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -115,6 +116,36 @@ def load_onnx(path: str | Path, device: str = "auto", threads: int = 0, spin: bo
         raise ImgclfError(f"{path}: expected one input named {INPUT_NAME!r}, found {names}")
     return OnnxClassifier(session, classes, spec, meta=meta, path=path, slice_session=slice_session,
                           workers=workers)
+
+
+ORT_SUFFIXES = (".onnx", ".ort")  # .ort: ONNX Runtime's own (flatbuffer) format, for its mobile/minimal builds
+
+
+def is_onnx_runtime_file(path: str | Path) -> bool:
+    return str(path).lower().endswith(ORT_SUFFIXES)
+
+
+def save_ort(onnx_path: str | Path, out: str | Path) -> Path:
+    """Write an ``.onnx`` file in ONNX Runtime's ``.ort`` format (atomically), its metadata kept. This is what
+    ONNX Runtime's ``convert_onnx_models_to_ort`` tool does for one file (its "fixed" style): the graph is
+    optimized on loading and saved, without the NCHWc layout rewrite, which only x86 CPUs run. The tool itself
+    is not called because it names its outputs and writes an operator list beside them."""
+    import onnxruntime as ort
+
+    out = Path(out)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.save_model_format", "ORT")
+    with atomic_path(out) as tmp:
+        opts.optimized_model_filepath = str(tmp)
+        try:
+            ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=["NchwcTransformer"])
+        except Exception as e:  # ORT raises its own Fail/NotImplemented/... types
+            raise ImgclfError(f"{onnx_path}: ONNX Runtime cannot convert it to .ort "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    return out
 
 
 def _session_options(threads: int, spin: bool = True):

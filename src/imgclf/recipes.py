@@ -17,7 +17,7 @@ import dataclasses
 from .config import DEFAULT_LR, TrainConfig
 from .data.probe import ImageProbe, probe_images
 from .errors import ImgclfError
-from .models import has_pretrained
+from .models import has_pretrained, takes_one_input_size
 from .models.fastnet import VARIANTS as FASTNET_VARIANTS
 
 RECIPES: dict[str, dict] = {
@@ -100,6 +100,12 @@ def resolve(cfg: TrainConfig, probe: ImageProbe | None = None) -> tuple[TrainCon
     if fill.get("pretrained") and cfg.model is not None and not has_pretrained(cfg.model, fill["pretrained"]):
         fill.pop("pretrained")  # the user's own model choice has no such weights
         fill.pop("freeze_blocks", None)  # ... and its own blocks
+        if fill.get("freeze_epochs"):  # a head on random features learns nothing worth an epoch
+            fill["freeze_epochs"] = 0
+        why.append(f"{cfg.model} has no {defaults['pretrained']} weights: trained from scratch, no head-only epoch")
+    if fill.get("progressive") not in (None, "none") and cfg.model is not None and takes_one_input_size(cfg.model):
+        fill["progressive"] = "none"
+        why.append(f"no progressive resizing: {cfg.model} takes one input size only (a dense layer sized for it)")
     if "freeze_blocks" in fill and (fill.get("pretrained") or cfg.pretrained) in (None, "none"):
         fill.pop("freeze_blocks")  # from scratch: nothing to keep
     epochs = cfg.epochs or fill.get("epochs", 0)

@@ -89,6 +89,29 @@ def test_export_errors(tiny_run, tiny_onnx, tmp_path):
         imgclf.load(tmp_path / "missing.onnx")
 
 
+def test_ort_format_export_with_int8(tiny_run, tmp_path, capsys):
+    """--format ort: ONNX Runtime's own format, fp32 and int8, checked like ONNX; the file alone predicts."""
+    out = tmp_path / "tiny.int8.ort"
+    code, text, _ = _cli(capsys, "export", str(tiny_run.run_dir), "--format", "ort", "--int8", "--out", str(out),
+                         "--no-speed", "--no-progress", "--json")
+    assert code == 0, text
+    report = json.loads(text)
+    assert [r["name"] for r in report["rows"]] == ["pytorch fp32", "ort fp32", "ort int8"]
+    assert report["rows"][1]["agreement"] == 1.0 and report["out"] == str(out)
+    assert out.is_file() and (tmp_path / "tiny.ort").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.int8.ort", "tiny.ort"]  # no .onnx left behind
+    assert out.read_bytes()[4:8] == b"ORTM"  # the flatbuffer's identifier, not an ONNX protobuf
+    clf = imgclf.load(tmp_path / "tiny.ort")
+    ckpt = imgclf.load(tiny_run.run_dir, device="cpu")
+    assert isinstance(clf, imgclf.OnnxClassifier) and clf.classes == ckpt.classes
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(clf.logits(x), ckpt.logits(x), atol=1e-4)
+    code, text, _ = _cli(capsys, "evaluate", str(out), "--json", "--no-progress")
+    assert code == 0 and json.loads(text)["n"] == 24
+    with pytest.raises(ImgclfError, match=r"name the file \*\.ort"):
+        export(tiny_run.run_dir, "ort", out=tmp_path / "x.onnx", progress=False)
+
+
 @pytest.mark.parametrize("name", imgclf.list_models())
 def test_every_registered_model_exports(name, tmp_path):
     """Export works for the whole registry (untrained weights): same logits as PyTorch, any batch size."""

@@ -99,3 +99,11 @@ def test_speeds_are_measured_on_the_device():
     assert set(s.measured) == {(5, 64)}  # 2 epochs: the only fine-tuning epoch is the last, at full size
     assert s.train_ips(5, 32) == pytest.approx(s.measured[(5, 64)] * 2 ** P.SMALLER_EXPONENT)  # others scaled
     assert s.train_ips(5, 128) == pytest.approx(s.measured[(5, 64)] / 4)  # a larger one by its pixels
+
+
+def test_a_model_with_nothing_frozen_is_timed_training_not_inference():
+    """seed-cnn has no frozen blocks (freeze_blocks None): its training speed is measured, not its inference's."""
+    cfg, _ = recipe_cfg(model="seed-cnn")
+    s = P._Speeds(dataclasses.replace(cfg, epochs=2, progressive=None, freeze_blocks=None), 3, 32, CPU)
+    assert s.train_ips(None, 32) > 0
+    assert set(s.measured) == {(0, 32)} and s.eval is None

@@ -29,7 +29,7 @@ from ..data.images import Preprocess
 from ..data.tensors import Normalizer
 from ..errors import ImgclfError
 from ..inference import BaseClassifier
-from ..onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier, load_onnx, save_onnx
+from ..onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier, load_onnx, save_onnx, save_ort
 from .graph_rewrites import bn_before_maxpool
 from .int8 import needs_reduce_range, quantize_int8
 from .parity import (
@@ -114,7 +114,8 @@ def export(checkpoint: str | Path, format: str = "onnx", *, int8: bool = False, 
            speed: bool = True, portable: bool = False, progress: bool = True) -> ExportReport:
     """Export a run folder / checkpoint to ONNX (``int8=True``: also a statically quantized int8 model),
     then check parity with PyTorch on ``check_images`` test images (0 = the whole test split).
-    ``format="tflite"`` writes a LiteRT flatbuffer instead (:func:`imgclf.deploy.tflite.export_tflite`).
+    ``format="ort"`` writes ONNX Runtime's own format (``.ort``, for its mobile builds) from the same ONNX
+    graph; ``format="tflite"`` a LiteRT flatbuffer (:func:`imgclf.deploy.tflite.export_tflite`).
 
     out: the file to write (default ``<checkpoint>.onnx``, or ``<checkpoint>.int8.onnx`` with ``int8``; the
         fp32 model is then kept beside it as ``<name>.onnx`` / ``<name>.fp32.onnx``).
@@ -137,25 +138,32 @@ def export(checkpoint: str | Path, format: str = "onnx", *, int8: bool = False, 
                              calib_images=calib_images, check_images=check_images, min_agreement=min_agreement,
                              max_int8_drop=TFLITE_INT8_DROP if max_int8_drop is None else max_int8_drop,
                              speed=speed, progress=progress)
-    if format != "onnx":
-        raise ImgclfError(f"unknown export format {format!r}: onnx or tflite")
+    if format not in ("onnx", "ort"):
+        raise ImgclfError(f"unknown export format {format!r}: onnx, ort or tflite")
     max_int8_drop = MAX_INT8_DROP if max_int8_drop is None else max_int8_drop
-    clf, src, out, fp32_out = export_paths(checkpoint, out, int8, ".onnx")
+    clf, src, out, fp32_out = export_paths(checkpoint, out, int8, "." + format)
 
     x, y, source, ds = check_set(clf, data, check_images, progress)  # the run's test split unless data is given
     ref = clf.logits(x)
     rows = [BackendResult("pytorch fp32", str(src), src.stat().st_size, None, None, accuracy(ref, y), None)]
-    export_onnx(clf, fp32_out)
-    models: list[BaseClassifier] = [clf, load_onnx(fp32_out)]
-    rows.append(_row("onnx fp32", models[1], ref, x, y))
+    models: list[BaseClassifier] = [clf]
     report = ExportReport(out=out, rows=rows, n_images=len(y), data=source, min_agreement=min_agreement,
                           max_int8_drop=max_int8_drop)
-    if int8:
-        calib = calibration_images(clf, ds, data, calib_data, calib_images, progress)
-        report.reduce_range = needs_reduce_range()
-        quantize_int8(fp32_out, out, calib, reduce_range=report.reduce_range, tune=not portable)
-        models.append(load_onnx(out))
-        rows.append(_row("onnx int8", models[2], ref, x, y))
+    with tempfile.TemporaryDirectory() as tmp:  # .ort: made from .onnx files that are not kept
+        onnx_fp32 = fp32_out if format == "onnx" else Path(tmp) / "model.onnx"
+        export_onnx(clf, onnx_fp32)
+        written = [(onnx_fp32, fp32_out, "fp32")]
+        if int8:
+            calib = calibration_images(clf, ds, data, calib_data, calib_images, progress)
+            report.reduce_range = needs_reduce_range()
+            onnx_int8 = out if format == "onnx" else Path(tmp) / "model.int8.onnx"
+            quantize_int8(onnx_fp32, onnx_int8, calib, reduce_range=report.reduce_range, tune=not portable)
+            written.append((onnx_int8, out, "int8"))
+        for onnx_file, final, precision in written:
+            if format == "ort":
+                save_ort(onnx_file, final)
+            models.append(load_onnx(final))
+            rows.append(_row(f"{format} {precision}", models[-1], ref, x, y))
     if speed:  # all backends in the same rounds (see `throughput`)
         for row, ips in zip(rows, throughput(models, x)):
             row.images_per_s = ips

@@ -10,9 +10,18 @@ Importing this package registers the built-in families (one file each).
 from . import efficientnet, fastnet, resnet, seed_cnn  # noqa: F401  (imported for their @register_model side effect)
 from ._base import ImageClassifier
 from ._prune import PruneResult, check_amount, check_importance, count_macs, count_params, prune_channels
-from ._registry import create_model, has_pretrained, list_models, model_info, register_model, register_pretrained
+from ._registry import (
+    create_model,
+    has_pretrained,
+    list_models,
+    model_info,
+    register_model,
+    register_pretrained,
+    takes_one_input_size,
+)
 from ._resize import PRUNED, create_model_for
 
-__all__ = ["ImageClassifier", "create_model", "create_model_for", "has_pretrained", "list_models", "model_info",
+__all__ = ["ImageClassifier", "create_model", "create_model_for", "has_pretrained",
+           "takes_one_input_size", "list_models", "model_info",
            "register_model", "register_pretrained", "PRUNED", "PruneResult", "check_amount", "check_importance",
            "count_macs", "count_params", "prune_channels"]

@@ -47,6 +47,12 @@ def has_pretrained(name: str, tag: str) -> bool:
     return (name, tag) in _PRETRAINED
 
 
+def takes_one_input_size(name: str) -> bool:
+    """Whether model ``name`` runs at the one input size it is built for (a dense layer after a flatten), so
+    progressive resizing cannot train it. Asked of a small instance: the builders are plain functions."""
+    return bool(getattr(create_model(name, num_classes=2), "fixed_input_size", False))
+
+
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
     return sorted(_MODELS)

@@ -198,7 +198,8 @@ class _Speeds:
     def describe(self) -> str:
         return "plan: measured " + ", ".join(f"{v:.0f} img/s {k}" for k, v in self.said.items())
 
-    def train_ips(self, freeze: int, size: int) -> float:
+    def train_ips(self, freeze: int | None, size: int) -> float:
+        freeze = freeze or 0  # None (a model with nothing frozen, e.g. seed-cnn) is 0: None means inference below
         if not any(f == freeze for f, _ in self.measured):
             first = progressive_sizes(self.cfg.progressive, self.image_size, self.cfg.epochs)[self.cfg.freeze_epochs]
             self._measure(freeze, first)

@@ -71,7 +71,7 @@ from ...data.images import (
 from ...errors import ImgclfError
 from ...explain import can_explain, explain_arrays
 from ...inference import BaseClassifier, Prediction
-from ...onnx_runtime import load_onnx
+from ...onnx_runtime import is_onnx_runtime_file, load_onnx
 from .batcher import MicroBatcher, Overloaded
 from .guards import BodyLimit, BodyTimeout, client_name, log, uvicorn_options
 
@@ -204,8 +204,8 @@ def _brief_metrics(m: dict | None) -> dict | None:
 
 
 def create_app(model: str | Path | BaseClassifier, config: ServeConfig = ServeConfig(), device: str = "auto"):
-    """A FastAPI app serving ``model`` (run folder, checkpoint, .onnx file or a loaded classifier)."""
-    if str(model).lower().endswith(".onnx"):
+    """A FastAPI app serving ``model`` (run folder, checkpoint, .onnx/.ort/.tflite file or a loaded classifier)."""
+    if is_onnx_runtime_file(model):
         clf = load_onnx(model, device=device, spin=False)  # idle ORT threads must not starve the decoders
     else:
         clf = load(model, device=device)
