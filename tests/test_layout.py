@@ -105,3 +105,20 @@ def test_public_names_do_not_shadow_modules():
     """`imgclf.export` is the function, and no module named imgclf.export exists to be hidden by it."""
     modules = {p.stem for p in SRC.iterdir() if p.suffix == ".py"} | {p.name for p in SRC.iterdir() if p.is_dir()}
     assert not set(imgclf.__all__) & modules
+
+
+def test_the_package_and_the_command_start_without_torch():
+    """`import imgclf` and the command's own module load no torch (names resolve on first use), so `imgclf --help`
+    answers at once and `predict --source` decodes while torch loads; every public name still resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, imgclf, imgclf.cli, imgclf.data.video, imgclf.data.video_process\n"
+            "assert 'torch' not in sys.modules, 'torch imported at start'\n"
+            "missing = [n for n in imgclf.__all__ if getattr(imgclf, n, None) is None]\n"
+            "assert not missing, missing\n"
+            "import imgclf.data as d\n"
+            "assert all(getattr(d, n, None) is not None for n in d.__all__)\n"
+            "assert sorted(dir(imgclf)) == sorted(imgclf.__all__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -10,32 +10,41 @@ The ``imgclf`` command is the same functions: ``imgclf train``, ``imgclf evaluat
 ``imgclf models``, ``imgclf report``, ``imgclf inspect``, ``imgclf compare``, ``imgclf runs``, ``imgclf prune``.
 """
 from ._version import __version__  # a leaf module: importing it runs nothing else
-from .utils import flush_denormals
 
-flush_denormals()  # before torch starts its thread pool: see utils.flush_denormals
+# Names resolve on first use (PEP 562), so ``import imgclf`` and the ``imgclf`` command start without torch:
+# `imgclf predict --source` starts decoding a video while torch loads, and `imgclf --help` answers at once.
+_EXPORTS = {
+    "Classifier": "classifier", "load": "classifier",
+    "TrainConfig": "config",
+    "Dataset": "data", "Preprocess": "data", "load_dataset": "data",
+    "export": "deploy.export",
+    "ImgclfError": "errors",
+    "calibrate": "evaluation.evaluate", "evaluate": "evaluation.evaluate",
+    "inspect": "evaluation.inspect",
+    "Evaluation": "evaluation.metrics",
+    "report": "evaluation.report",
+    "compare": "evaluation.runs", "runs": "evaluation.runs",
+    "FramePrediction": "inference", "Prediction": "inference",
+    "create_model": "models", "list_models": "models",
+    "OnnxClassifier": "onnx_runtime",
+    "TfliteClassifier": "tflite_runtime",
+    "Callback": "training.callbacks",
+    "prune": "training.prune",
+    "TrainResult": "training.train", "train": "training.train",
+}
+__all__ = ["__version__", *_EXPORTS]
 
-from .classifier import Classifier, load  # noqa: E402
-from .config import TrainConfig  # noqa: E402
-from .data import Dataset, Preprocess, load_dataset  # noqa: E402
-from .deploy.export import export  # noqa: E402
-from .errors import ImgclfError  # noqa: E402
-from .evaluation.evaluate import calibrate, evaluate  # noqa: E402
-from .evaluation.inspect import inspect  # noqa: E402
-from .evaluation.metrics import Evaluation  # noqa: E402
-from .evaluation.report import report  # noqa: E402
-from .evaluation.runs import compare, runs  # noqa: E402
-from .inference import FramePrediction, Prediction  # noqa: E402
-from .models import create_model, list_models  # noqa: E402
-from .onnx_runtime import OnnxClassifier  # noqa: E402
-from .tflite_runtime import TfliteClassifier  # noqa: E402
-from .training.callbacks import Callback  # noqa: E402
-from .training.prune import prune  # noqa: E402
-from .training.train import TrainResult, train  # noqa: E402
 
-__all__ = [
-    "__version__", "train", "evaluate", "load", "create_model", "list_models", "load_dataset",
-    "TrainConfig", "TrainResult", "Callback", "Classifier", "Prediction", "FramePrediction", "Dataset",
-    "Preprocess", "ImgclfError",
-    "report", "inspect", "compare", "runs", "calibrate", "Evaluation", "export", "OnnxClassifier",
-    "TfliteClassifier", "prune",
-]
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'imgclf' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+

@@ -105,11 +105,15 @@ def flush_denormals() -> bool:
     epochs ~160 -> ~125-145 s, bit-identical accuracy.
 
     It reaches the calling thread and the threads it creates afterwards (PyTorch's OpenMP pool is created
-    on the first parallel op), so ``import imgclf`` does it first thing. IMGCLF_KEEP_DENORMALS=1 turns it off.
+    on the first parallel op), so this module does it when imported: every imgclf module that computes with
+    torch imports it, before any tensor op (tests/test_utils.py checks). IMGCLF_KEEP_DENORMALS=1 turns it off.
     Returns whether it is on."""
     if os.environ.get("IMGCLF_KEEP_DENORMALS", "") not in ("", "0"):
         return False
     return bool(torch.set_flush_denormal(True))
+
+
+flush_denormals()
 
 
 def available_memory() -> int:

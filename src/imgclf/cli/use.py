@@ -69,19 +69,29 @@ def predict(
 ):
     """Predict classes for images, or for every frame of a video (--source); unreadable files get their own
     error line (exit 1 if any)."""
-    from ..classifier import expand_inputs, load
-
     if source is not None:
         if paths:
             raise ImgclfError("give images or --source, not both")
         if explain is not None:
             raise ImgclfError("--explain explains images, not --source videos; give image files instead")
+        from ..data.video_process import start_decoding
+
+        # a file starts decoding in a process of its own now, while torch and the model load (no torch above)
+        early = start_decoding(model, source, every, timeout) if save is None else None
+        from ..classifier import load
         from ..data.video import VideoError
         from ..deploy.video import label_video
 
         try:
-            summary = label_video(load(model, device=device), source, top_k=top_k, every=every, smooth=smooth,
-                                  batch_size=batch_size, save=save, fmt=fmt.value, timeout=timeout)
+            clf = load(model, device=device)
+            video = (early.checked(clf) if early is not None else None) or source
+        except BaseException:
+            if early is not None:
+                early.close()
+            raise
+        try:
+            summary = label_video(clf, video, top_k=top_k, every=every, smooth=smooth, batch_size=batch_size,
+                                  save=save, fmt=fmt.value, timeout=timeout)
         except VideoError as e:  # the frames before it were printed (and saved): say how many, then why
             if getattr(e, "summary", None):
                 typer.echo(e.summary.line(), err=True)
@@ -92,6 +102,8 @@ def predict(
         return
     if not paths:
         raise ImgclfError("give image files, folders or globs to predict, or --source for a video")
+    from ..classifier import expand_inputs, load
+
     clf = load(model, device=device)
     files = expand_inputs(paths)
     if not files:

@@ -9,9 +9,19 @@ time), builtin + download (named datasets), cifar (the official CIFAR-10 batches
 (image folders and archives of them), decode (parallel decoding), cache (decoded arrays on disk),
 split (stratified val/test carving), edits (images excluded or relabelled by a person, e.g. from doctor.csv).
 """
-from .builtin import BUILTINS, BuiltinDataset, RemoteFile, list_datasets
-from .dataset import Dataset, Split, load_dataset
-from .images import Preprocess, load_image, preprocess_image
+# Names resolve on first use (PEP 562): the image loader and video reader work without torch, which the
+# video decoding process of `imgclf predict --source` relies on (data/video_process.py).
+_EXPORTS = {"BUILTINS": "builtin", "BuiltinDataset": "builtin", "RemoteFile": "builtin", "list_datasets": "builtin",
+            "Dataset": "dataset", "Split": "dataset", "load_dataset": "dataset",
+            "Preprocess": "images", "load_image": "images", "preprocess_image": "images"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["BUILTINS", "BuiltinDataset", "RemoteFile", "list_datasets", "Dataset", "Preprocess", "Split",
-           "load_dataset", "load_image", "preprocess_image"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'imgclf.data' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..classifier import Classifier
 from ..data.video import VideoError, VideoSource, VideoWriter
+from ..data.video_process import ForkedVideo
 from ..errors import ImgclfError
 from ..inference import BaseClassifier, FramePrediction
 
@@ -50,7 +51,7 @@ class VideoSummary:
         return "; ".join(parts)
 
 
-def label_video(clf: BaseClassifier, source: str, *, top_k: int = 3, every: int = 1, smooth: int = 1,
+def label_video(clf: BaseClassifier, source: str | VideoSource, *, top_k: int = 3, every: int = 1, smooth: int = 1,
                 batch_size: int | None = None, save: str | None = None, fmt: str = "table",
                 timeout: float | None = None, out: TextIO | None = None) -> VideoSummary:
     """Print one row per classified frame to ``out`` (with the frames/s so far) and return the summary.
@@ -60,8 +61,8 @@ def label_video(clf: BaseClassifier, source: str, *, top_k: int = 3, every: int 
     for flag, value in (("--every", every), ("--smooth", smooth), ("--top-k", top_k), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ImgclfError(f"{flag} must be at least 1, got {value}")
-    video = VideoSource(source, timeout)
-    summary = VideoSummary(source=str(source))
+    video = source if isinstance(source, VideoSource) else VideoSource(source, timeout)
+    summary = VideoSummary(source=video.source)
     try:
         writer = VideoWriter(save, video.fps) if save else None
     except BaseException:
@@ -70,7 +71,8 @@ def label_video(clf: BaseClassifier, source: str, *, top_k: int = 3, every: int 
     rows = _Rows(out, fmt)
     start = time.monotonic()
     threads = torch.get_num_threads()
-    if isinstance(clf, Classifier) and clf.device.type == "cpu" and threads > 1:
+    forked = isinstance(video, ForkedVideo)  # decoded ahead, while torch loaded: the model may take every core
+    if isinstance(clf, Classifier) and clf.device.type == "cpu" and threads > 1 and not forked:
         # one core is the decoder's: PyTorch's threads, left on every core, wait for it and it for them
         # (fastnet on 2 AVX2 cores, 720p: 150-168 frames/s with one thread against 137-154 with two)
         torch.set_num_threads(threads - 1)

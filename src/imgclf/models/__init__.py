@@ -7,6 +7,7 @@ Every model is an :class:`ImageClassifier`: ``num_classes``, ``in_channels``, ``
 ``forward_features``, ``forward_head``, ``reset_classifier``, ``get_classifier`` and ``arch_args``.
 Importing this package registers the built-in families (one file each).
 """
+from .. import utils  # noqa: F401  (flushes subnormals before any model runs: utils.flush_denormals)
 from . import efficientnet, fastnet, resnet, seed_cnn  # noqa: F401  (imported for their @register_model side effect)
 from ._base import ImageClassifier
 from ._prune import PruneResult, check_amount, check_importance, count_macs, count_params, prune_channels
