@@ -80,8 +80,13 @@ def test_only_files_of_checkpoints_fork_and_only_before_torch(tiny_run, tiny_onn
     clf = imgclf.load(run)
     assert vp.start_decoding(run, str(clip)) is None  # torch is imported here: no fork under its threads
     monkeypatch.delitem(sys.modules, "torch")  # as in a command that has not imported it yet
-    for model, source in ((run, "0"), (run, "rtsp://127.0.0.1:9/cam"), (tiny_onnx[1], str(clip))):
+    for model, source in ((run, "0"), (run, "rtsp://127.0.0.1:9/cam"), (run / "best.tflite", str(clip))):
         assert vp.start_decoding(model, source) is None
+    exported = vp.start_decoding(tiny_onnx[1], str(clip))  # an .onnx file carries its preprocessing too
+    try:
+        assert exported.spec == clf.preprocess
+    finally:
+        exported.close()
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     assert vp.start_decoding(tmp_path / "junk.safetensors", str(clip)) is None  # the normal path says why
     video = vp.start_decoding(run, str(clip), every=3)
@@ -108,3 +113,19 @@ def test_the_command_decodes_while_torch_loads(tiny_run, clip, capsys):
     def rows(text):
         return [{k: v for k, v in json.loads(line).items() if k != "fps"} for line in text.splitlines()]
     assert rows(proc.stdout) == rows(out) and len(rows(out)) == 30
+
+
+def test_the_command_keeps_the_frames_of_a_broken_file_and_leaves_no_process(tiny_run, tmp_path):
+    cut = video_clip(tmp_path / "cut.mkv", ("red", "blue", "green"))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    for args, message in ((["--source", str(cut)], "truncated"), (["--source", str(cut), "--top-k", "0"],
+                                                                 "at least 1")):
+        proc = subprocess.run([sys.executable, "-c", DRIVER, "predict", str(tiny_run.run_dir), "--format", "json",
+                               *args], capture_output=True, text=True, timeout=120)
+        *lines, last = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and any(message in line for line in lines), proc.stderr
+        assert json.loads(last)["children"] == 0 and "Traceback" not in proc.stderr
+    kept = [json.loads(line)["frame"] for line in subprocess.run(
+        [sys.executable, "-m", "imgclf", "predict", str(tiny_run.run_dir), "--source", str(cut), "--format", "json"],
+        capture_output=True, text=True, timeout=120).stdout.splitlines()]
+    assert 0 < len(kept) < 30 and kept == list(range(len(kept)))

@@ -85,17 +85,15 @@ def predict(
         try:
             clf = load(model, device=device)
             video = (early.checked(clf) if early is not None else None) or source
-        except BaseException:
-            if early is not None:
-                early.close()
-            raise
-        try:
             summary = label_video(clf, video, top_k=top_k, every=every, smooth=smooth, batch_size=batch_size,
                                   save=save, fmt=fmt.value, timeout=timeout)
         except VideoError as e:  # the frames before it were printed (and saved): say how many, then why
             if getattr(e, "summary", None):
                 typer.echo(e.summary.line(), err=True)
             raise
+        finally:
+            if early is not None:  # whatever happened: the decoding process ends with the command's work
+                early.close()
         typer.echo(summary.line(), err=True)
         if summary.stopped == "interrupted":
             raise typer.Exit(130)

@@ -9,9 +9,9 @@ model. A decoding thread started before that gains little, since importing holds
 launch to exit against 57-72 without it, benchmarks/README.md); a child process forked before torch is
 imported decodes and prepares frames meanwhile, so the model finds most of a short clip waiting. The child
 runs :class:`~imgclf.data.video.VideoSource` itself, with the checkpoint's preprocessing read from its JSON
-header (no torch, no weights): the same frames, the same preprocessing function, the same errors (sent
-back and raised here). Only files take this path: a camera or stream runs at its own pace anyway, and
-``--save`` needs the full frames, which stay in the parent's VideoSource.
+header or an .onnx file's metadata (no torch): the same frames, the same preprocessing function, the same
+errors (sent back and raised here). Only files take this path: a camera or stream runs at its own pace anyway,
+and ``--save`` needs the full frames, which stay in the parent's VideoSource.
 """
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ MAX_SIDE = 4096                # a spec beyond this is left to the full checkpoi
 
 def start_decoding(model: str | Path, source: str, every: int = 1, timeout: float | None = None
                    ) -> ForkedVideo | None:
-    """A :class:`ForkedVideo` of ``source`` prepared as the checkpoint ``model`` (a run folder or .safetensors
-    file) prepares images, or None where this does not apply: not Linux, torch already imported (forking a
-    process with threads is unsafe), a camera or stream, an exported model, or a header that does not read
-    (the normal path then says why, in full)."""
+    """A :class:`ForkedVideo` of ``source`` prepared as ``model`` (a run folder, .safetensors checkpoint or
+    exported .onnx file) prepares images, or None where this does not apply: not Linux, torch already imported
+    (forking a process with threads is unsafe), a camera or stream, a .ort or .tflite model, or metadata that
+    does not read (the normal path then says why, in full)."""
     if not sys.platform.startswith("linux") or "torch" in sys.modules:
         return None
     if camera_index(source) is not None or is_stream(source) or every < 1:
@@ -52,14 +52,20 @@ def _preprocess_of(model: str | Path) -> Preprocess | None:
         path = next((p for p in (path / "best.safetensors", path / "last.safetensors") if p.is_file()), path)
     elif not path.exists() and not path.suffix:
         path = path.with_suffix(".safetensors")
-    if path.suffix != ".safetensors" or not path.is_file():
+    if path.suffix not in (".safetensors", ".onnx") or not path.is_file():
         return None
     try:
-        from safetensors import safe_open
+        if path.suffix == ".onnx":  # as `imgclf export` writes it: the spec in the model's metadata_props
+            import onnx
 
-        with safe_open(str(path), framework="numpy") as f:
-            spec = Preprocess.from_dict(json.loads((f.metadata() or {})["imgclf"])["preprocess"])
-    except Exception:  # noqa: BLE001 - any doubt: the normal path loads and checks the checkpoint in full
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            spec = Preprocess.from_dict(json.loads(props["preprocess"]))
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                spec = Preprocess.from_dict(json.loads((f.metadata() or {})["imgclf"])["preprocess"])
+    except Exception:  # noqa: BLE001 - any doubt: the normal path loads and checks the model in full
         return None
     ok = isinstance(spec.image_size, int) and 0 < spec.image_size <= MAX_SIDE and spec.channels in (1, 3)
     return spec if ok else None
