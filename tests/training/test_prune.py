@@ -98,3 +98,17 @@ def test_an_interrupted_fine_tune_resumes(tiny_run, tmp_path):
     info = json.loads((done.run_dir / "run.json").read_text())
     assert done.status == "finished" and done.epochs_done == 2 and info["pruning"]["amount"] == 0.5
     assert count_params(imgclf.load(done.run_dir).model) == info["pruning"]["params_after"]
+
+
+def test_the_fine_tune_trains_every_layer_for_as_long_as_the_recipe_needs():
+    """A pretrained fine-tune (the photo recipe) is repeated in full, a run from scratch gets an eighth; no block
+    stays frozen, since every block was cut."""
+    from imgclf.data.probe import ImageProbe
+    from imgclf.recipes import resolve
+    from imgclf.training.prune import FINE_TUNE, default_epochs
+
+    photo, _ = resolve(imgclf.TrainConfig(data="photos"), probe=ImageProbe(375))
+    fast, _ = resolve(imgclf.TrainConfig(data="cifar10", epochs=16), probe=ImageProbe(32))
+    seed, _ = resolve(imgclf.TrainConfig(recipe="seed"), probe=ImageProbe(32))
+    assert (default_epochs(photo), default_epochs(fast), default_epochs(seed)) == (5, 2, 1)
+    assert FINE_TUNE["freeze_blocks"] == 0 and FINE_TUNE["freeze_epochs"] == 0
