@@ -129,3 +129,19 @@ def test_the_command_keeps_the_frames_of_a_broken_file_and_leaves_no_process(tin
         [sys.executable, "-m", "imgclf", "predict", str(tiny_run.run_dir), "--source", str(cut), "--format", "json"],
         capture_output=True, text=True, timeout=120).stdout.splitlines()]
     assert 0 < len(kept) < 30 and kept == list(range(len(kept)))
+
+
+def test_ctrl_c_stops_the_command_and_its_decoding_process(tiny_run, tmp_path):
+    import signal
+
+    long = video_clip(tmp_path / "long.mp4", ("red", "blue") * 150, size=(64, 48))  # 3,000 frames
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "predict", str(tiny_run.run_dir), "--source", str(long),
+                             "--format", "json", "--batch-size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # a frame is labelled: the model and the decoder are both running
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    stats = json.loads(err.strip().splitlines()[-1])
+    assert json.loads(first)["frame"] == 0 and len(rest.splitlines()) < 2999
+    assert proc.returncode == 130 and "stopped by Ctrl-C" in err and "Traceback" not in err, err
+    assert stats["forked"] == 1 and stats["children"] == 0
