@@ -107,6 +107,8 @@ def test_video_benchmark_clip_is_two_photos_a_class(tmp_path):
 
 
 def test_gradcam_hides_the_hottest_pixels_with_the_mean():
+    from types import SimpleNamespace
+
     import numpy as np
 
     gc = _load("gradcam")
@@ -116,10 +118,16 @@ def test_gradcam_hides_the_hottest_pixels_with_the_mean():
     assert list(gc.hottest(heat, 0.15, rng)) == [7, 19, 0]  # 3 of 20 pixels, hottest first
     ties = {tuple(sorted(gc.hottest(np.zeros((4, 5)), 0.2, rng))) for _ in range(5)}
     assert len(ties) > 1  # a flat map hides random pixels, not always the first row
+    clf = SimpleNamespace(preprocess=SimpleNamespace(mean=(124 / 255, 116 / 255, 104 / 255)))
     image = np.full((4, 5, 3), 9, np.uint8)
-    out = gc.hide(image, np.array([7, 19]), np.array([124, 116, 104], np.uint8))
+    out = gc.hider(clf, "mean")(image, np.array([7, 19]))
     assert (out[1, 2] == [124, 116, 104]).all() and (out[3, 4] == [124, 116, 104]).all()
     assert (out == 9).all(axis=2).sum() == 18 and (image == 9).all()  # the input is untouched
+    # inpainting: a hidden pixel takes its kept neighbours' colour; a region out of reach the mean
+    image[:, :, 0] = np.arange(5) * 10  # a horizontal ramp
+    out = gc.hider(clf, "inpaint")(image, np.array([7]))
+    assert abs(int(out[1, 2, 0]) - 20) <= 1 and (out[1, 2, 1:] == 9).all()
+    assert (np.delete(out.reshape(-1, 3), 7, 0) == np.delete(image.reshape(-1, 3), 7, 0)).all()  # the rest kept
 
 
 def test_doctor_benchmark_flips_a_share_into_other_classes_and_adds_copies(tmp_path):
