@@ -89,17 +89,19 @@ def add_copies(folder: Path, n: int, seed: int) -> dict[str, str]:
 RANK = """
 import json, sys
 from imgclf.evaluation.doctor import doctor
-r = doctor(sys.argv[1], out=sys.argv[2], progress=False)
+size = {"image_size": int(sys.argv[3])} if len(sys.argv) > 3 else {}
+r = doctor(sys.argv[1], out=sys.argv[2], progress=False, **size)
 order = sorted(range(len(r.paths)), key=lambda i: r.quality[i])
 print(json.dumps({"ranked": [r.paths[i] for i in order], "flagged": [r.paths[i] for i in r.issues],
                   "accuracy": r.accuracy, "seconds": r.seconds, "phases": r.phases}))
 """
 
 
-def run(folder: Path, root: Path) -> tuple[dict, float]:
+def run(folder: Path, root: Path, image_size: int | None = None) -> tuple[dict, float]:
     env = {**os.environ, "IMGCLF_HOME": str(root / "home")}  # a cold cache, as on a first run
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RANK, str(folder), str(root / "out")], env=env,
+    size = [str(image_size)] if image_size else []
+    proc = subprocess.run([sys.executable, "-c", RANK, str(folder), str(root / "out"), *size], env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--flip", type=float, default=0.05)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--duplicates", action="store_true")
+    ap.add_argument("--image-size", type=int, help="side doctor embeds at (default: doctor's own)")
     args = ap.parse_args()
     rows = []
     for seed in args.seeds:
@@ -121,7 +124,7 @@ def main() -> None:
             folder = extract(args.data, root)
             flipped = flip_labels(folder, args.flip, seed)
             copies = add_copies(folder, 30, seed) if args.duplicates else {}
-            result, seconds = run(folder, root)
+            result, seconds = run(folder, root, args.image_size)
             k = len(flipped)
             found = set(result["ranked"][:k]) & flipped
             flagged = set(result["flagged"])
