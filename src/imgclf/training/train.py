@@ -194,14 +194,16 @@ class Trainer:
 
     def _log_plan(self) -> None:
         s, cfg, ds = self.setup, self.setup.cfg, self.setup.ds
-        params = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in s.model.parameters())
+        trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
+        params = f"{total:,} parameters" + (f" ({trained:,} trained)" if trained != total else "")
         prec = "bf16 autocast" if s.autocast_dtype else "fp32"
         self.log(f"data   {ds.source}: {len(ds.train.y):,} train, {split_size(ds.val):,} val, "
                  f"{split_size(ds.test):,} test; "
                  f"{len(ds.classes)} classes; {ds.image_size}x{ds.image_size} "
                  f"{'RGB' if ds.channels == 3 else 'greyscale'}")
         freeze = f", first {cfg.freeze_epochs} head-only" if cfg.freeze_epochs else ""
-        self.log(f"model  {cfg.model} ({s.start}): {params:,} parameters; {cfg.optimizer} lr {cfg.resolved_lr():g}"
+        self.log(f"model  {cfg.model} ({s.start}): {params}; {cfg.optimizer} lr {cfg.resolved_lr():g}"
                  f" ({cfg.schedule}), batch {cfg.batch_size}, {cfg.epochs} epochs{freeze}, augment {cfg.augment}"
                  f"{_progressive_note(cfg, ds.image_size)}; {s.device} {prec}")
         if s.plan is not None:
