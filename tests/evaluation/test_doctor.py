@@ -179,3 +179,28 @@ def test_weather_photos_flipped_labels_found(tmp_path):
     r = doctor(str(tmp_path / "wx"), out=tmp_path / "out", progress=False)
     worst = {r.paths[i] for i in np.argsort(r.quality)[:8]}
     assert len(worst & flipped) >= 5  # >= 60 %
+
+
+def test_embeddings_are_kept_by_the_images_content(tmp_path, monkeypatch):
+    """A second doctor on the same images skips the backbone; one changed pixel or a damaged entry does not."""
+    from imgclf.evaluation import embeddings as E
+
+    monkeypatch.setenv("IMGCLF_HOME", str(tmp_path / "home"))
+    calls = []
+
+    def fake_embed(sets, progress=True):
+        calls.append(1)
+        return np.full((sum(len(s) for s in sets), 4), len(calls), np.float32)
+
+    monkeypatch.setattr(E, "embed", fake_embed)
+    a, b = np.zeros((3, 8, 8, 3), np.uint8), np.ones((2, 8, 8, 3), np.uint8)
+    first = E.embed_cached([a, b])
+    assert len(calls) == 1 and (E.embed_cached([a, b]) == first).all() and len(calls) == 1
+    changed = b.copy()
+    changed[1, 7, 7, 2] = 9
+    assert (E.embed_cached([a, changed]) == 2).all() and len(calls) == 2
+    assert E.embed_cached([b, a]).shape == (5, 4) and len(calls) == 3  # another order: other rows
+    for entry in (tmp_path / "home" / "embeddings").glob("*.npy"):
+        entry.write_bytes(b"damaged")
+    assert (E.embed_cached([a, b]) == 4).all() and len(calls) == 4  # recomputed and replaced
+    assert (E.embed_cached([a, b]) == 4).all() and len(calls) == 4

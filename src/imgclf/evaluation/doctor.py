@@ -20,7 +20,7 @@ import numpy as np
 
 from ..data.dataset import load_decoded
 from ..data.decoded import split_names
-from .embeddings import BACKBONE, DEFAULT_SIZE, embed
+from .embeddings import BACKBONE, DEFAULT_SIZE, embed_cached
 from .issues import check_folds, label_issues, near_duplicates, neighbours, out_of_fold_probs, outliers
 
 SPLIT_ORDER = ("train", "val", "test", "all")  # a duplicate pair's copy is the member in the later split
@@ -82,7 +82,7 @@ def doctor(data: str, *, out: str | Path | None = None, folds: int = 5, image_si
     check_folds(labels, decoded.classes, folds)
     images = _Images([decoded.splits[s][0] for s in parts])
     lap("decode")
-    feats = embed([decoded.splits[s][0] for s in parts], progress=progress)
+    feats = embed_cached([decoded.splits[s][0] for s in parts], progress=progress)
     lap("embeddings")
     probs = out_of_fold_probs(feats, labels, len(decoded.classes), folds=folds, seed=seed)
     ranked, quality = label_issues(labels, probs)
