@@ -118,13 +118,17 @@ def test_the_command_decodes_while_torch_loads(tiny_run, clip, capsys):
 def test_the_command_keeps_the_frames_of_a_broken_file_and_leaves_no_process(tiny_run, tmp_path):
     cut = video_clip(tmp_path / "cut.mkv", ("red", "blue", "green"))
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (tmp_path / "notes.mp4").write_text("not a video")
     for args, message in ((["--source", str(cut)], "truncated"), (["--source", str(cut), "--top-k", "0"],
-                                                                 "at least 1")):
+                                                                 "at least 1"),
+                          (["--source", str(tmp_path / "notes.mp4"), "--format", "table"], "cannot be opened")):
         proc = subprocess.run([sys.executable, "-c", DRIVER, "predict", str(tiny_run.run_dir), "--format", "json",
                                *args], capture_output=True, text=True, timeout=120)
         *lines, last = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and any(message in line for line in lines), proc.stderr
         assert json.loads(last)["children"] == 0 and "Traceback" not in proc.stderr
+        if message == "cannot be opened":  # refused at the start, as the thread path does: not even a header
+            assert proc.stdout == "" and json.loads(last)["forked"] == 0
     kept = [json.loads(line)["frame"] for line in subprocess.run(
         [sys.executable, "-m", "imgclf", "predict", str(tiny_run.run_dir), "--source", str(cut), "--format", "json"],
         capture_output=True, text=True, timeout=120).stdout.splitlines()]

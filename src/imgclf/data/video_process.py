@@ -88,12 +88,18 @@ class ForkedVideo(VideoSource):
         self._child.start()
 
     def checked(self, clf: Any) -> ForkedVideo | None:
-        """This video, if ``clf`` prepares images as the child does (always, for the checkpoint read); else
+        """This video once the child has opened it (a file that cannot be opened raises here, before any output,
+        as VideoSource does), if ``clf`` prepares images as the child does (always, for the model read); else
         None, the child stopped, and the caller opens the source itself."""
-        if getattr(clf, "preprocess", None) == self.spec:
-            return self
-        self.close()
-        return None
+        if getattr(clf, "preprocess", None) != self.spec:
+            self.close()
+            return None
+        if self.fps is None and self.size is None:
+            kind, *rest = self._next()  # the child's first message: "open", or why it could not open
+            if kind != "open":
+                self._raise(kind, rest)
+            self.fps, self.size = rest
+        return self
 
     def waiting(self) -> int:
         return 0  # a file: the model takes frames in whole batches, never "those waiting"
@@ -102,29 +108,36 @@ class ForkedVideo(VideoSource):
         """The child's frames in order; ``prepare`` and ``min_side`` were applied there (see :meth:`checked`)."""
         if every != self.every:
             raise ImgclfError(f"this video is decoded for every={self.every}, not {every}")
-        import queue
-
         while True:
-            try:
-                item = self._queue.get(timeout=self.timeout + 5)
-            except queue.Empty:
-                alive = self._child.is_alive()
-                raise VideoError(f"{self.source}: no frame for {self.timeout + 5:g} s after {self.read} frames"
-                                 + ("" if alive else " (the decoding process ended)"), self.read) from None
-            kind = item[0]
+            kind, *rest = self._next()
             if kind == "frame":
                 self.read += 1
-                yield Frame(item[1], item[2], item[3], prepared=item[4])
+                yield Frame(*rest[:3], prepared=rest[3])
             elif kind == "open":
-                self.fps, self.size = item[1], item[2]
+                self.fps, self.size = rest
             elif kind == "end":
                 return
-            else:  # "error": the child's exception, raised here as the parent's VideoSource would
-                error, message = item[1], item[2]
-                if error == "VideoError":
-                    raise VideoError(message, self.read)
-                raise ImgclfError(message) if error == "ImgclfError" else RuntimeError(
-                    f"video decoding failed: {error}: {message}")
+            else:
+                self._raise(kind, rest)
+
+    def _next(self) -> tuple:
+        import queue
+
+        try:
+            return self._queue.get(timeout=self.timeout + 5)
+        except queue.Empty:
+            ended = "" if self._child.is_alive() else " (the decoding process ended)"
+            raise VideoError(f"{self.source}: no frame for {self.timeout + 5:g} s after {self.read} frames{ended}",
+                             self.read) from None
+
+    def _raise(self, kind: str, rest: list) -> None:
+        """The child's exception ("error", its kind, its message), raised here as the parent's VideoSource would."""
+        error, message = (rest + ["", ""])[:2] if kind == "error" else (kind, str(rest))
+        if error == "VideoError":
+            raise VideoError(message, self.read)
+        if error == "ImgclfError":
+            raise ImgclfError(message)
+        raise RuntimeError(f"video decoding failed: {error}: {message}")
 
     def close(self) -> None:
         if self._child.is_alive():
