@@ -204,3 +204,6 @@ def test_embeddings_are_kept_by_the_images_content(tmp_path, monkeypatch):
         entry.write_bytes(b"damaged")
     assert (E.embed_cached([a, b]) == 4).all() and len(calls) == 4  # recomputed and replaced
     assert (E.embed_cached([a, b]) == 4).all() and len(calls) == 4
+    entry = tmp_path / "home" / "embeddings" / f"{E._content_key([a, b])}.npy"
+    entry.write_bytes(entry.read_bytes()[:-8])  # truncated
+    assert (E.embed_cached([a, b]) == 5).all() and len(calls) == 5

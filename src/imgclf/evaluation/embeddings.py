@@ -40,9 +40,9 @@ def embed_cached(image_sets: Sequence, *, progress: bool = True) -> np.ndarray:
     n = sum(len(s) for s in image_sets)
     try:
         kept = np.load(path, allow_pickle=False)
-        if kept.shape[0] == n and kept.dtype == np.float32 and np.isfinite(kept).all():
+        if kept.ndim == 2 and kept.shape[0] == n and kept.dtype == np.float32 and np.isfinite(kept).all():
             return kept
-    except (OSError, ValueError):  # none yet, or damaged: computed again and replaced
+    except (OSError, ValueError, EOFError):  # none yet, or damaged: computed again and replaced
         pass
     feats = embed(image_sets, progress=progress)
     try:
