@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+from imgclf import models as imgclf_models
 from imgclf.config import TrainConfig
 from imgclf.data.probe import ImageProbe
 from imgclf.errors import ImgclfError
@@ -107,3 +108,18 @@ def test_a_model_with_nothing_frozen_is_timed_training_not_inference():
     s = P._Speeds(dataclasses.replace(cfg, epochs=2, progressive=None, freeze_blocks=None), 3, 32, CPU)
     assert s.train_ips(None, 32) > 0
     assert set(s.measured) == {(0, 32)} and s.eval is None
+
+
+def test_the_model_the_run_trains_is_the_one_timed():
+    """A pruned checkpoint to fine-tune is timed as it is (narrower), not as its full-width namesake; a head of
+    other classes is replaced first, as the run does."""
+    cfg, _ = recipe_cfg()
+    built = []
+
+    def narrow():
+        built.append(1)
+        return imgclf_models.create_model("seed-cnn-bn", num_classes=7, image_size=32)
+
+    s = P._Speeds(dataclasses.replace(cfg, epochs=2, progressive=None, freeze_blocks=None), 3, 32, CPU, build=narrow)
+    assert s.train_ips(None, 32) > 0 and s.eval_ips() > 0 and len(built) == 2
+    assert s._model(None).num_classes == 3

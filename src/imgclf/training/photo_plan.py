@@ -82,9 +82,11 @@ def recipe_epochs(n_train: int, batch_size: int, recipe_epochs: int, freeze_epoc
 
 
 def plan_photos(cfg: TrainConfig, user_cfg: TrainConfig, n_train: int, n_eval: int, num_classes: int,
-                image_size: int, device: torch.device, elapsed: Callable[[], float]) -> PhotoPlan:
+                image_size: int, device: torch.device, elapsed: Callable[[], float],
+                build: Callable[[], torch.nn.Module] | None = None) -> PhotoPlan:
     """The plan for a photo run (see the module docstring). ``n_eval``: images scored after training
-    (validation and test); ``elapsed``: seconds since the command started (what ``cfg.time_budget`` counts)."""
+    (validation and test); ``elapsed``: seconds since the command started (what ``cfg.time_budget`` counts);
+    ``build``: a new model as the run will train it, where ``cfg.model`` alone does not say (a pruned one)."""
     t0 = time.monotonic()
     why: list[str] = []
     if user_cfg.epochs is None:
@@ -95,7 +97,7 @@ def plan_photos(cfg: TrainConfig, user_cfg: TrainConfig, n_train: int, n_eval: i
                        + (f"at least {MIN_STEPS} steps for a small folder" if epochs > cfg.epochs else
                           f"at most {MAX_IMAGES:,} images for a large one") + " (--epochs to choose)")
         cfg = dataclasses.replace(cfg, epochs=epochs)
-    speeds = _Speeds(cfg, num_classes, image_size, device)
+    speeds = _Speeds(cfg, num_classes, image_size, device, build)
 
     def made(plan_cfg: TrainConfig, notes: list[str]) -> PhotoPlan:
         return PhotoPlan(plan_cfg, _predict(plan_cfg, speeds, n_train, n_eval, image_size), t0,
@@ -189,8 +191,9 @@ class _Speeds:
     a smaller one by the side's ratio to the power SMALLER_EXPONENT (small crops gain less than their pixels:
     Lite0's step at 96 px ran 1.35-1.6x faster than at 128 px, 1.78x fewer pixels, on 2 AVX2 cores)."""
 
-    def __init__(self, cfg: TrainConfig, num_classes: int, image_size: int, device: torch.device):
-        self.cfg, self.k, self.image_size, self.device = cfg, num_classes, image_size, device
+    def __init__(self, cfg: TrainConfig, num_classes: int, image_size: int, device: torch.device,
+                 build: Callable[[], torch.nn.Module] | None = None):
+        self.cfg, self.k, self.image_size, self.device, self.build = cfg, num_classes, image_size, device, build
         self.measured: dict[tuple[int, int], float] = {}
         self.eval: float | None = None
         self.said: dict[str, float] = {}
@@ -212,7 +215,10 @@ class _Speeds:
         return self.eval
 
     def _model(self, freeze: int | None):
-        model = create_model(self.cfg.model, num_classes=self.k, in_channels=3, image_size=self.image_size)
+        model = self.build() if self.build is not None else create_model(
+            self.cfg.model, num_classes=self.k, in_channels=3, image_size=self.image_size)
+        if model.num_classes != self.k:  # a checkpoint of other classes, as the run replaces its head
+            model.reset_classifier(self.k)
         model = model.to(self.device, memory_format=torch.channels_last)
         model.freeze_early_blocks(freeze or 0)
         return model

@@ -120,7 +120,7 @@ def prepare(cfg: TrainConfig, world, *, resume: Checkpoint | None = None, starte
     val, val_name = _choose_validation(ds, notes, keeps_last=cfg.val_every == 0)
     budget_end, plan = None, None
     if cfg.recipe == "photo" and resume is None:  # rank 0 plans, every process follows
-        plan = world.from_main(lambda: _plan_photos(cfg, user_cfg, ds, val, device, started))
+        plan = world.from_main(lambda: _plan_photos(cfg, user_cfg, ds, val, device, started, init))
         cfg, budget_end = plan.cfg, plan.end_seconds if plan.cfg.time_budget is not None else None
         notes += plan.why
     elif cfg.time_budget is not None and resume is None:
@@ -223,12 +223,13 @@ def _shapes(ckpt: Checkpoint) -> dict[str, torch.Size]:
 
 
 def _plan_photos(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val, device: torch.device,
-                 started: float) -> PhotoPlan:
+                 started: float, init=None) -> PhotoPlan:
     """The photo recipe's epochs for this folder's size, and with --time-budget (or a run that would take
     longer than photo_plan.DEFAULT_BUDGET) the crops, frozen depth and epochs that fit, timed on this machine."""
     n_eval = (0 if val is None or val is ds.test else len(val.y)) + split_size(ds.test)
+    build = None if init is None else lambda: create_model_for(init.meta["arch"], _shapes(init))  # pruned: narrower
     return plan_photos(cfg, user_cfg, len(ds.train.y), n_eval, len(ds.classes), ds.image_size, device,
-                       elapsed=lambda: time.monotonic() - started)
+                       elapsed=lambda: time.monotonic() - started, build=build)
 
 
 def _plan_time_budget(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val, device: torch.device,
