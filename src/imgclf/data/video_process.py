@@ -47,6 +47,8 @@ def start_decoding(model: str | Path, source: str, every: int = 1, timeout: floa
 
 
 def _preprocess_of(model: str | Path) -> Preprocess | None:
+    # checkpoint.resolve_checkpoint_path's rules (run folder -> best, else last; runs/NAME/best), not that
+    # function: its module loads torch, which is what this process must not wait for
     path = Path(model)
     if path.is_dir():
         path = next((p for p in (path / "best.safetensors", path / "last.safetensors") if p.is_file()), path)

@@ -21,12 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .._version import __version__
 from ..classifier import Classifier
-from ..data.images import Preprocess
-from ..data.tensors import Normalizer
 from ..errors import ImgclfError
 from ..inference import BaseClassifier
 from ..onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxClassifier, load_onnx, save_onnx, save_ort
@@ -37,6 +34,7 @@ from .parity import (
     BackendResult,
     ExportReport,
     ParityError,
+    WithNormalization,
     accuracy,
     calibration_images,
     check_set,
@@ -50,20 +48,6 @@ MAX_INT8_DROP = 0.005   # int8 may lose at most this much top-1 accuracy (0.5 po
 
 
 # ---------------------------------------------------------------------------------------------- export
-class _WithNormalization(nn.Module):
-    """uint8 images in, logits out: the exported graph does the ``(x / 255 - mean) / std`` itself."""
-
-    def __init__(self, model: nn.Module, preprocess: Preprocess):
-        super().__init__()
-        self.model = model
-        norm = Normalizer(preprocess.mean, preprocess.std)
-        self.register_buffer("scale", norm.scale)
-        self.register_buffer("shift", norm.shift)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.float() * self.scale + self.shift)
-
-
 def onnx_metadata(clf: Classifier, precision: str, extra: dict[str, Any] | None = None) -> dict[str, str]:
     """metadata_props of an exported model: flat keys for any runtime + the full imgclf metadata."""
     spec = clf.preprocess
@@ -90,7 +74,7 @@ def export_onnx(clf: Classifier, out: str | Path, opset: int = OPSET) -> Path:
     import onnx
 
     spec = clf.preprocess
-    wrapped = _WithNormalization(clf.model, spec).to("cpu").eval()
+    wrapped = WithNormalization(clf.model, spec).to("cpu").eval()
     dummy = torch.zeros(1, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # The TorchScript exporter (dynamo=False) is deprecated in favour of torch.export, which needs the
@@ -103,7 +87,7 @@ def export_onnx(clf: Classifier, out: str | Path, opset: int = OPSET) -> Path:
                           do_constant_folding=True)
         model = onnx.load(str(raw))
     bn_before_maxpool(model)  # exact up to rounding; lets ORT fold the BatchNorm into the conv before it
-    clf.model.to(clf.device)  # _WithNormalization moved it to the CPU for tracing
+    clf.model.to(clf.device)  # WithNormalization moved it to the CPU for tracing
     return save_onnx(model, out, onnx_metadata(clf, "fp32"))
 
 

@@ -4,7 +4,8 @@
     report = ExportReport(out, rows, n_images=len(y), data=source, min_agreement=0.995)
     print(report.table())                                     # agreement, accuracy, size, images/s
 
-Shared by the ONNX export (export.py) and the LiteRT one (tflite.py): one table, one gate. fp32 must
+Shared by the ONNX export (export.py) and the LiteRT one (tflite.py): one table, one gate, and the uint8 front
+both exported graphs start with (WithNormalization). fp32 must
 reproduce PyTorch (any disagreement is a bug); int8 flips a few borderline images both ways, so its gate is
 the accuracy it loses.
 """
@@ -17,15 +18,31 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..classifier import Classifier, load
+from ..data.images import Preprocess
 from ..data.run_data import load_run_data, remap_labels
-from ..data.tensors import to_tensor
+from ..data.tensors import Normalizer, to_tensor
 from ..errors import ImgclfError
 from ..inference import BaseClassifier
 
 MIN_AGREEMENT = 0.995   # fp32 must agree with PyTorch on the top-1 class of at least this share of images
 RUNTIMES = {"onnx": "ONNX Runtime", "tflite": "LiteRT"}
+
+
+class WithNormalization(nn.Module):
+    """uint8 (N, C, H, W) images in, logits out: the exported graph does the ``(x / 255 - mean) / std`` itself."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess):
+        super().__init__()
+        self.model = model
+        norm = Normalizer(preprocess.mean, preprocess.std)
+        self.register_buffer("scale", norm.scale)
+        self.register_buffer("shift", norm.shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.float() * self.scale + self.shift)
 
 
 @dataclass

@@ -26,8 +26,6 @@ from torch import nn
 
 from .._version import __version__
 from ..classifier import Classifier
-from ..data.images import Preprocess
-from ..data.tensors import Normalizer
 from ..errors import ImgclfError
 from ..inference import BaseClassifier
 from ..tflite_runtime import META_KEY, TfliteClassifier, load_tflite, write_metadata
@@ -37,6 +35,7 @@ from .parity import (
     BackendResult,
     ExportReport,
     ParityError,
+    WithNormalization,
     accuracy,
     calibration_images,
     check_set,
@@ -49,19 +48,12 @@ MAX_INT8_DROP = 0.01    # int8 may lose at most 1 point: ai-edge-quantizer's pla
 SECOND_BATCH = 64       # the batch speed is also measured at, for files the interpreter can resize to it
 
 
-class _Pixels(nn.Module):
+class _Pixels(WithNormalization):
     """uint8 (N, H, W, C) pixels in, as camera frames and bitmaps come, ``{"logits": ...}`` out (the dict names
     the file's output): the normalisation ``(x / 255 - mean) / std`` is the program's first two ops."""
 
-    def __init__(self, model: nn.Module, preprocess: Preprocess):
-        super().__init__()
-        self.model = model
-        norm = Normalizer(preprocess.mean, preprocess.std)
-        self.register_buffer("scale", norm.scale)
-        self.register_buffer("shift", norm.shift)
-
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.model(image.permute(0, 3, 1, 2).float() * self.scale + self.shift)}
+        return {"logits": super().forward(image.permute(0, 3, 1, 2))}
 
 
 def _global_max_pool(x: torch.Tensor, output_size) -> tuple[torch.Tensor, torch.Tensor]:
