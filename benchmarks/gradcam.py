@@ -14,7 +14,8 @@ perturbation" of Fong & Vedaldi 2017), or the kept pixels around it (``--fill in
 convolution, so a scattered pixel takes its neighbours' average and hides next to nothing, while a large
 region takes its surroundings' smooth colour). Prints the mean drops and, per method, the share of images
 where hiding its heat lowers the probability more than each comparison (issue 24's bar: >= 80 % of real
-photos); a table, then one JSON line.
+photos against a random 20 %, read at the heat map's granularity: random blobs; docs/explain.md says why);
+a table, then one JSON line.
 """
 from __future__ import annotations
 
