@@ -56,6 +56,47 @@ def test_budget_plan_takes_fewer_tta_views_before_an_epoch():
     assert plan_budget(290, 50_000, 10_000, speeds, max_epochs=8, tta=TTA[:1]).tta is None
 
 
+def test_a_plan_of_too_few_epochs_goes_short_where_that_fits_more():
+    speeds = [Speed("fastnet-s", 302, 2069), Speed("fastnet-xs", 601, 2342)]  # measured on 2 AVX2 cores
+    kw = dict(n_train=50_000, n_eval=10_000, speeds=speeds, max_epochs=8, tta=TTA)
+    full = plan_budget(269, **kw)
+    assert (full.model, full.epochs, full.progressive, full.batch_size) == ("fastnet-xs", 2, None, None)
+    # 243.5 s usable, 83.2 s a full-size epoch; short, the epochs before the last cost 0.6 each: 2.2 for 3 epochs,
+    # 2.8 for 4. With 6 TTA views (29.9 s) 2.57 epochs of room: 3; without TTA (4.3 s) 2.88: 4, and TTA never
+    # costs an epoch
+    short = plan_budget(269, **kw, short=True)
+    assert (short.model, short.epochs, short.tta) == ("fastnet-xs", 4, None)
+    assert (short.progressive, short.batch_size) == (budget.SHORT["progressive"], budget.SHORT["batch_size"])
+    assert short.train_seconds == pytest.approx(2.8 * 50_000 / 601)
+    assert short.train_seconds + short.eval_seconds <= 269 * budget.SAFETY - budget.FIXED_END_SECONDS
+    assert any("4 epoch(s) (the first 3 at 0.75x the side, batch 500)" in line for line in short.why)
+    with_tta = plan_budget(255, **kw, short=True)
+    assert (with_tta.epochs, with_tta.tta, with_tta.batch_size) == (3, "flip+translate", 500)
+    # enough full-size epochs fit: the plan stays as it was
+    roomy = plan_budget(600, **kw, short=True)
+    assert roomy.epochs >= budget.MIN_EPOCHS and roomy.progressive is None and roomy.batch_size is None
+    # a budget so tight that going short fits no more epochs: full size
+    assert plan_budget(140, **kw, short=True).progressive is None
+
+
+@pytest.mark.parametrize("left, epochs", [(100, 2), (120, 3)])
+def test_the_replan_after_a_reduced_epoch_counts_a_full_one_as_dearer(left, epochs):
+    import time
+
+    from imgclf.training.callbacks import TimeBudget
+
+    # epoch 1 of 3 took 40 s at 24 px; epoch 2 (24 px) takes about 40 s more, epoch 3 (32 px) about 71 s
+    logged = []
+    trainer = SimpleNamespace(state=SimpleNamespace(epoch=1, epochs=3, scheduler=None),
+                              cfg=SimpleNamespace(schedule="linear"), log=logged.append,
+                              batches=SimpleNamespace(input_sizes=lambda n: [24] * (n - 1) + [32],
+                                                      steps_per_epoch=50))
+    cb = TimeBudget(budget_seconds=left + 1, end_seconds=1, started=time.monotonic())
+    cb.epoch_started = time.perf_counter() - 40
+    assert cb._replan(trainer) == epochs
+    assert bool(logged) == (epochs < 3)
+
+
 def test_wider_candidates_are_measured_only_while_they_could_be_chosen(monkeypatch):
     ips = {"fastnet": 165, "fastnet-m": 277, "fastnet-s": 546, "fastnet-xs": 834}  # measured on 2 AVX2 cores
     measured = []

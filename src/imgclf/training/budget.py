@@ -7,7 +7,10 @@ The trainer measures candidate models' training and inference speed on this mach
 handful of epochs before width pays (a wide net's first epochs at a high learning rate are spent finding
 its footing), so the plan takes the **widest candidate that fits at least MIN_EPOCHS epochs** (up to the
 recipe's), else the one that fits the most epochs; test-time augmentation is kept, with as many views as
-cost no epoch. Candidates are measured from the narrowest up, and the wider ones that could not be chosen
+cost no epoch. Where no width fits MIN_EPOCHS full-size epochs, the plan goes short (SHORT): the first two
+thirds of its epochs at 0.75x the side, which cost about half as much, and half the batch, for twice the steps:
+more epochs and steps in the same time train better than fewer full-size ones (benchmarks/README.md).
+Candidates are measured from the narrowest up, and the wider ones that could not be chosen
 are not measured at all: on a slow CPU one step of the widest FastNet costs seconds of the budget.
 While training, the trainer re-plans after every epoch from the epochs' real duration, shortening the
 linear schedule if the machine turned out slower than measured.
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
+from ..config import TrainConfig, progressive_sizes
 from ..data.tensors import Normalizer, channel_stats, to_tensor
 from ..errors import ImgclfError
 from ..inference import autocast_context
@@ -35,6 +38,8 @@ MIN_EPOCHS = 5         # fewer than this, a narrower, faster FastNet trains bett
 SAFETY = 0.92          # plan to use this share of the time left: epochs vary, and the end must not overrun
 FIXED_END_SECONDS = 4  # checkpoint + report + exit after the final evaluation
 SPEED_ROUNDS = 2       # timed steps per candidate (after a warm-up), taken in turns; the fastest counts
+SHORT = {"progressive": "0.75:0.667", "batch_size": 500}  # a plan of fewer than MIN_EPOCHS epochs
+SMALL_EPOCH_COST = 0.6  # an epoch at 0.75x the side against a full one: 0.56 by pixels, plus steps' fixed costs
 
 
 @dataclass
@@ -52,13 +57,16 @@ class Plan:
     train_seconds: float
     eval_seconds: float
     why: list[str] = field(default_factory=list)
+    progressive: str | None = None  # set (with batch_size) when the plan goes short
+    batch_size: int | None = None
 
 
 def plan_budget(seconds_left: float, n_train: int, n_eval: int, speeds: list[Speed], *, max_epochs: int,
-                tta: list[tuple[str, int]]) -> Plan:
+                tta: list[tuple[str, int]], short: bool = False) -> Plan:
     """Choose (model, epochs, TTA) to fit ``seconds_left``. ``speeds``: the candidates, widest first.
     ``n_eval`` images are scored at the end, once more per view with TTA; ``tta``: the TTA modes allowed,
-    each with its number of views, most views first (empty: none).
+    each with its number of views, most views first (empty: none). ``short``: a plan of too few epochs may go
+    short (SHORT) where that fits more of them (the user chose neither batch size nor progressive resizing).
 
     A narrower candidate does less arithmetic than a wider one, so it is taken to be at least as fast: a
     measurement saying otherwise was slowed by something else on the machine (a VM's steal), and believing it
@@ -74,6 +82,10 @@ def plan_budget(seconds_left: float, n_train: int, n_eval: int, speeds: list[Spe
                           "machine: raise --time-budget, or train on less data (--fraction)")
     enough = [o for o in feasible if o.epochs >= min(MIN_EPOCHS, max_epochs)]
     plan = enough[0] if enough else max(feasible, key=lambda o: o.epochs)
+    if short and not enough:
+        speed = next(sp for sp in speeds if sp.model == plan.model)
+        shorter = _options(seconds_left, n_train, n_eval, [speed], max_epochs, tta, short=True)[0]
+        plan = shorter if shorter.epochs > plan.epochs else plan
     plan.why.append(f"time budget: {seconds_left:.0f}s left after start-up and data; measured "
                     + ", ".join(f"{s.model} {s.train_ips:.0f} img/s training, {s.eval_ips:.0f} inference"
                                 for s in measured)
@@ -82,7 +94,10 @@ def plan_budget(seconds_left: float, n_train: int, n_eval: int, speeds: list[Spe
     reason = ("" if len(speeds) == 1 else
               f"the widest FastNet that fits {min(MIN_EPOCHS, max_epochs)}+ epochs" if enough else
               "no width fits enough epochs, so the one that fits the most")
-    plan.why.append(f"plan: {plan.model} for {plan.epochs} epoch(s) ({plan.train_seconds:.0f}s) + final evaluation"
+    small = sum(1 for side in progressive_sizes(plan.progressive, 100, plan.epochs) if side < 100)
+    shape = f" (the first {small} at 0.75x the side, batch {plan.batch_size})" if plan.progressive else ""
+    plan.why.append(f"plan: {plan.model} for {plan.epochs} epoch(s){shape} ({plan.train_seconds:.0f}s) + final "
+                    "evaluation"
                     f"{' with ' + plan.tta + ' TTA' if plan.tta else ''} ({plan.eval_seconds:.0f}s)"
                     + (f": {reason}" if reason else ""))
     return plan
@@ -97,14 +112,25 @@ def _floored(speeds: list[Speed]) -> list[Speed]:
     return out
 
 
+def _short_cost(epochs: int) -> float:
+    """A short plan's ``epochs`` in full-size epochs."""
+    sides = progressive_sizes(SHORT["progressive"], 100, epochs)
+    return sum(1.0 if side == 100 else SMALL_EPOCH_COST for side in sides)
+
+
 def _options(seconds_left: float, n_train: int, n_eval: int, speeds: list[Speed], max_epochs: int,
-             tta: list[tuple[str, int]]) -> list[Plan]:
-    """Each candidate's most epochs, with the richest TTA that costs none of them."""
+             tta: list[tuple[str, int]], short: bool = False) -> list[Plan]:
+    """Each candidate's most epochs (``short``: as a short plan), with the richest TTA that costs none of them."""
     usable = seconds_left * SAFETY - FIXED_END_SECONDS
+    cost = _short_cost if short else float
 
     def fit(sp: Speed, views: int) -> tuple[int, float]:
         eval_s = n_eval * (1 + views) / sp.eval_ips
-        return min(max_epochs, math.floor((usable - eval_s) / (n_train / sp.train_ips))), eval_s
+        room = (usable - eval_s) / (n_train / sp.train_ips)  # in full-size epochs
+        epochs = math.floor(room) if room < 1 else 1  # cost() grows by at most 1 an epoch
+        while epochs < max_epochs and cost(epochs + 1) <= room:
+            epochs += 1
+        return min(max_epochs, epochs), eval_s
 
     options = []
     for sp in speeds:
@@ -115,12 +141,13 @@ def _options(seconds_left: float, n_train: int, n_eval: int, speeds: list[Speed]
             if with_tta == epochs:
                 mode, eval_s = name, tta_s
                 break
-        options.append(Plan(sp.model, epochs, mode, epochs * n_train / sp.train_ips, eval_s))
+        extra = SHORT if short else {}
+        options.append(Plan(sp.model, epochs, mode, cost(epochs) * n_train / sp.train_ips, eval_s, **extra))
     return options
 
 
 def measure_and_plan(cfg: TrainConfig, names: list[str], ds, device: torch.device, n_eval: int,
-                     tta: list[tuple[str, int]], seconds_left: Callable[[], float]) -> Plan:
+                     tta: list[tuple[str, int]], seconds_left: Callable[[], float], short: bool = False) -> Plan:
     """Measure the candidates ``names`` (widest first) from the narrowest up and plan with
     :func:`plan_budget`. The two narrowest are measured together, then one wider at a time, until a width
     fits fewer than MIN_EPOCHS epochs and fewer than the narrowest: every wider one, planned as no faster,
@@ -135,7 +162,8 @@ def measure_and_plan(cfg: TrainConfig, names: list[str], ds, device: torch.devic
             widest, narrowest = options[0].epochs, options[-1].epochs
             if widest < min(MIN_EPOCHS, cfg.epochs) and widest < narrowest:
                 break
-    plan = plan_budget(seconds_left(), len(ds.train.y), n_eval, speeds[::-1], max_epochs=cfg.epochs, tta=tta)
+    plan = plan_budget(seconds_left(), len(ds.train.y), n_eval, speeds[::-1], max_epochs=cfg.epochs, tta=tta,
+                       short=short)
     if pending:
         plan.why.insert(1, f"not measured: {', '.join(pending[::-1])} (wider; no more epochs would fit)")
     return plan

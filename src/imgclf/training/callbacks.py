@@ -11,7 +11,6 @@ call ``trainer.request_stop()``; the run then ends cleanly after the current ste
 """
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import threading
@@ -107,7 +106,11 @@ class TimeBudget(Callback):
     def _replan(self, trainer) -> int:
         state, schedule = trainer.state, trainer.cfg.schedule
         done, epoch_seconds = state.epoch, time.perf_counter() - self.epoch_started
-        fit = done + max(0, math.floor(self.seconds_left() / epoch_seconds))
+        # an epoch's time follows its pixels: after a reduced-size epoch (progressive) a full one costs more
+        sizes = trainer.batches.input_sizes(state.epochs)
+        fit, left, unit = done, self.seconds_left(), epoch_seconds / sizes[done - 1] ** 2
+        while fit < state.epochs and left >= unit * sizes[fit] ** 2:
+            left, fit = left - unit * sizes[fit] ** 2, fit + 1
         if fit >= state.epochs:
             return state.epochs
         trainer.log(f"time budget: epochs take {epoch_seconds:.0f}s here, so the run ends after epoch "

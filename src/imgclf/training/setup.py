@@ -241,9 +241,12 @@ def _plan_time_budget(cfg: TrainConfig, user_cfg: TrainConfig, ds: Dataset, val,
     modes = [] if cfg.tta == "none" else [cfg.tta] + (["flip"] if "flip" in cfg.tta and cfg.tta != "flip" else [])
     probe = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
     tta = [(mode, len(tta_views(probe, mode))) for mode in modes]  # flip alone where the recipe's views cost an epoch
+    # a short plan (budget.SHORT) changes the batch and the input sizes: FastNet's own, unless the user chose them
+    short = cfg.model in FASTNET_VARIANTS and user_cfg.batch_size is None and user_cfg.progressive is None
     plan = measure_and_plan(cfg, names, ds, device, n_eval, tta,
-                            seconds_left=lambda: cfg.time_budget - (time.monotonic() - started))
-    return (dataclasses.replace(cfg, model=plan.model, epochs=plan.epochs, tta=plan.tta or "none"),
+                            seconds_left=lambda: cfg.time_budget - (time.monotonic() - started), short=short)
+    shape = {"progressive": plan.progressive, "batch_size": plan.batch_size} if plan.progressive else {}
+    return (dataclasses.replace(cfg, model=plan.model, epochs=plan.epochs, tta=plan.tta or "none", **shape),
             plan.eval_seconds + FIXED_END_SECONDS, plan.why)
 
 
