@@ -94,8 +94,8 @@ def plan_budget(seconds_left: float, n_train: int, n_eval: int, speeds: list[Spe
     reason = ("" if len(speeds) == 1 else
               f"the widest FastNet that fits {min(MIN_EPOCHS, max_epochs)}+ epochs" if enough else
               "no width fits enough epochs, so the one that fits the most")
-    small = sum(1 for side in progressive_sizes(plan.progressive, 100, plan.epochs) if side < 100)
-    shape = f" (the first {small} at 0.75x the side, batch {plan.batch_size})" if plan.progressive else ""
+    shape = (f" (the first {_small_epochs(plan.epochs)} at 0.75x the side, batch {plan.batch_size})"
+             if plan.progressive else "")
     plan.why.append(f"plan: {plan.model} for {plan.epochs} epoch(s){shape} ({plan.train_seconds:.0f}s) + final "
                     "evaluation"
                     f"{' with ' + plan.tta + ' TTA' if plan.tta else ''} ({plan.eval_seconds:.0f}s)"
@@ -112,10 +112,14 @@ def _floored(speeds: list[Speed]) -> list[Speed]:
     return out
 
 
+def _small_epochs(epochs: int) -> int:
+    """How many of a short plan's ``epochs`` train at the reduced side."""
+    return sum(side < 100 for side in progressive_sizes(SHORT["progressive"], 100, epochs))
+
+
 def _short_cost(epochs: int) -> float:
     """A short plan's ``epochs`` in full-size epochs."""
-    sides = progressive_sizes(SHORT["progressive"], 100, epochs)
-    return sum(1.0 if side == 100 else SMALL_EPOCH_COST for side in sides)
+    return epochs - (1 - SMALL_EPOCH_COST) * _small_epochs(epochs)
 
 
 def _options(seconds_left: float, n_train: int, n_eval: int, speeds: list[Speed], max_epochs: int,
